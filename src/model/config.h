@@ -1,0 +1,56 @@
+// Model and training configuration: plain structs, no parsing (see src/train/config_file.h).
+#pragma once
+#include <cstdint>
+#include <string>
+
+namespace pipenag {
+
+enum class Activation { ReLU, GELU };
+
+struct ModelConfig {
+  int n_layer = 6;
+  int n_embd = 384;
+  int n_head = 6;
+  int block_size = 256;   // context length T
+  int vocab_size = 65;
+  Activation activation = Activation::ReLU;
+  bool tie_embeddings = false;
+  uint64_t seed = 1337;   // weight initialisation seed (same on every stage)
+};
+
+struct TrainConfig {
+  int64_t steps = 1000;       // optimizer updates
+  int batch_size = 8;         // sequences per step (micro-batch in later pipeline issues)
+  double lr = 3e-4;           // peak learning rate
+  int64_t warmup_steps = 100; // linear warm-up from 0 to lr
+  double min_lr_ratio = 0.1;  // cosine decays to lr * min_lr_ratio at `steps`
+  double weight_decay = 0.01; // decoupled (AdamW), on all parameters
+  double beta1 = 0.9;
+  double beta2 = 0.999;
+  double eps = 1e-8;
+  double clip = 1.0;          // gradient-norm clipping threshold; <= 0 disables
+  uint64_t seed = 1337;       // data order seed
+  int64_t eval_every = 100;   // steps between evaluations; 0 disables
+  int eval_batches = 10;      // validation batches per evaluation
+  int64_t checkpoint_every = 0;  // 0: only at the end
+  int threads = 0;            // 0: all cores
+  bool bf16 = false;          // bf16 matmul inputs, fp32 master weights
+};
+
+struct DataConfig {
+  std::string input;          // text file or folder of .txt files (empty: built-in corpus)
+  double val_fraction = 0.1;  // fraction of the corpus held out for validation
+};
+
+struct OutConfig {
+  std::string dir = "out";
+};
+
+struct Config {
+  ModelConfig model;
+  TrainConfig train;
+  DataConfig data;
+  OutConfig out;
+};
+
+}  // namespace pipenag
