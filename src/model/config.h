@@ -33,6 +33,7 @@ struct TrainConfig {
   int64_t eval_every = 100;   // steps between evaluations; 0 disables
   int eval_batches = 10;      // validation batches per evaluation
   int64_t checkpoint_every = 0;  // 0: only at the end
+  int64_t log_every = 10;     // steps between plain log lines (not on a terminal)
   int threads = 0;            // 0: all cores
   bool bf16 = false;          // bf16 matmul inputs, fp32 master weights
 };

@@ -1,0 +1,134 @@
+#include "pipeline/stage.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "kernels/kernels.h"
+#include "model/init.h"
+#include "util/error.h"
+
+namespace pipenag {
+
+Stage::Stage(const ModelConfig& cfg, int first_unit, int last_unit, int B, int slots)
+    : cfg_(cfg), first_(first_unit), last_(last_unit), B_(B) {
+  auto all = make_gpt_units(cfg);
+  all_units_ = all.size();
+  if (first_unit < 0 || last_unit > static_cast<int>(all.size()) || first_unit >= last_unit)
+    throw Error("stage: invalid unit range [" + std::to_string(first_unit) + ", " +
+                std::to_string(last_unit) + ")");
+  if (B < 1 || slots < 1) throw Error("stage: micro-batch size and slots must be >= 1");
+  if (cfg.tie_embeddings && !(has_embedding() && has_head()))
+    throw Error("model.tie_embeddings needs the embedding and the head on the same stage");
+  for (int i = first_unit; i < last_unit; ++i) units_.push_back(std::move(all[i]));
+
+  size_t scratch = 0;
+  for (const auto& u : units_) {
+    unit_offset_.push_back(n_params_);
+    for (ParamSpec s : u->params()) {
+      s.offset += n_params_;
+      table_.push_back(std::move(s));
+    }
+    n_params_ += u->num_params();
+    scratch = std::max(scratch, u->scratch_floats(B));
+  }
+  params_.assign(n_params_, 0.0f);
+  grads_.assign(n_params_, 0.0f);
+  scratch_.assign(scratch, 0.0f);
+  const size_t nb = boundary_floats();
+  dbuf_.assign(nb, 0.0f);
+  din_.assign(nb, 0.0f);
+  slots_.resize(static_cast<size_t>(slots));
+  for (auto& s : slots_) {
+    if (!has_embedding()) s.input.assign(nb, 0.0f);
+    for (size_t i = 0; i < units_.size(); ++i) {
+      s.acts.emplace_back(units_[i]->act_floats(B), 0.0f);
+      const bool is_head = has_head() && i + 1 == units_.size();
+      s.outs.emplace_back(is_head ? 0 : nb, 0.0f);
+    }
+  }
+}
+
+size_t Stage::boundary_floats() const {
+  return static_cast<size_t>(B_) * cfg_.block_size * cfg_.n_embd;
+}
+
+void Stage::init_params(uint64_t seed) {
+  for (const auto& s : table_) init_param(params_.data() + s.offset, s, seed);
+}
+
+void Stage::zero_grads() { std::fill(grads_.begin(), grads_.end(), 0.0f); }
+
+const float* Stage::unit_input(const Slot& s, int i) const {
+  if (i == 0) return has_embedding() ? nullptr : s.input.data();
+  return s.outs[static_cast<size_t>(i - 1)].data();
+}
+
+void Stage::bind_tied(UnitContext& ctx, const float* w, float* g) const {
+  if (!cfg_.tie_embeddings) return;
+  // The embedding is unit 0 of this stage and wte is its first tensor.
+  ctx.tied_wte = w + unit_offset_[0];
+  ctx.tied_dwte = g + unit_offset_[0];
+}
+
+void Stage::forward(int slot, const float* input, const MicroBatch& mb, UnitContext& ctx,
+                    const float* w) {
+  if (!w) w = params_.data();
+  Slot& s = slots_.at(static_cast<size_t>(slot));
+  if (!has_embedding()) std::memcpy(s.input.data(), input, boundary_floats() * sizeof(float));
+  ctx.B = B_;
+  ctx.tokens = mb.tokens;
+  ctx.targets = mb.targets;
+  bind_tied(ctx, w, grads_.data());
+  for (size_t i = 0; i < units_.size(); ++i) {
+    const size_t off = unit_offset_[i];
+    units_[i]->forward(w + off, grads_.data() + off, unit_input(s, static_cast<int>(i)),
+                       s.outs[i].data(), s.acts[i].data(), scratch_.data(), ctx);
+  }
+}
+
+const float* Stage::output(int slot) const {
+  return slots_.at(static_cast<size_t>(slot)).outs.back().data();
+}
+
+const float* Stage::unit_output(int slot, int i) const {
+  return slots_.at(static_cast<size_t>(slot)).outs.at(static_cast<size_t>(i)).data();
+}
+
+void Stage::backward(int slot, const float* dout, const MicroBatch& mb, UnitContext& ctx,
+                     const float* w) {
+  if (!w) w = params_.data();
+  Slot& s = slots_.at(static_cast<size_t>(slot));
+  ctx.B = B_;
+  ctx.tokens = mb.tokens;
+  ctx.targets = mb.targets;
+  bind_tied(ctx, w, grads_.data());
+  const size_t nb = boundary_floats();
+  // Ping-pong between two boundary buffers: the gradient of unit i's output becomes the
+  // gradient of unit i-1's output.
+  const float* g_out = dout;
+  float* bufs[2] = {din_.data(), dbuf_.data()};
+  // Chosen so that the last unit processed (index 0) writes into din_.
+  int which = static_cast<int>(units_.size() - 1) % 2;
+  for (int i = static_cast<int>(units_.size()) - 1; i >= 0; --i) {
+    const size_t off = unit_offset_[static_cast<size_t>(i)];
+    float* g_in = (i == 0 && has_embedding()) ? nullptr : bufs[which];
+    if (g_in) std::memset(g_in, 0, nb * sizeof(float));
+    units_[static_cast<size_t>(i)]->backward(w + off, grads_.data() + off, unit_input(s, i),
+                                             g_out, g_in, s.acts[static_cast<size_t>(i)].data(),
+                                             scratch_.data(), ctx);
+    g_out = g_in;
+    which ^= 1;
+  }
+}
+
+size_t Stage::activation_bytes() const {
+  size_t n = 0;
+  for (const auto& s : slots_) {
+    n += s.input.size();
+    for (const auto& o : s.outs) n += o.size();
+    for (const auto& a : s.acts) n += a.size();
+  }
+  return n * sizeof(float);
+}
+
+}  // namespace pipenag

@@ -1,0 +1,83 @@
+#include "train/bench.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <nlohmann/json.hpp>
+#include <random>
+
+#include "optim/adamw.h"
+#include "optim/grad_clip.h"
+#include "pipeline/stage.h"
+#include "util/error.h"
+#include "util/peak_flops.h"
+
+namespace pipenag {
+
+std::vector<BenchResult> run_bench(const BenchOptions& opt) {
+  if (opt.steps < 1 || opt.warmup < 0 || opt.threads < 1 || opt.batch_size < 1)
+    throw Error("bench: --steps, --threads and --batch-size must be >= 1, --warmup >= 0");
+  omp_set_num_threads(opt.threads);
+  const double peak = measure_peak_gflops(opt.threads, 0.5);
+  std::vector<BenchResult> out;
+  for (const std::string& dtype : opt.dtypes) {
+    if (dtype != "fp32" && dtype != "bf16") throw Error("bench: unknown dtype '" + dtype + "' (fp32 | bf16)");
+    for (int vocab : opt.vocabs) {
+      if (vocab < 1) throw Error("bench: vocabulary sizes must be >= 1");
+      ModelConfig m = opt.model;
+      m.vocab_size = vocab;
+      const int B = opt.batch_size, T = m.block_size;
+      Stage stage(m, 0, m.n_layer + 2, B, 1);
+      stage.set_bf16(dtype == "bf16");
+      stage.init_params(m.seed);
+      AdamW adamw(stage.num_params(), AdamWHyper{});
+      std::mt19937 rng(1234);
+      std::uniform_int_distribution<int32_t> tok(0, vocab - 1);
+      std::vector<int32_t> x(static_cast<size_t>(B) * T), y(x.size());
+      for (auto& t : x) t = tok(rng);
+      for (auto& t : y) t = tok(rng);
+      const float scale = 1.0f / static_cast<float>(x.size());
+      std::vector<double> secs;
+      for (int s = 0; s < opt.warmup + opt.steps; ++s) {
+        const auto t0 = std::chrono::steady_clock::now();
+        stage.zero_grads();
+        UnitContext ctx;
+        ctx.grad_scale = scale;
+        const MicroBatch mb{x.data(), y.data()};
+        stage.forward(0, nullptr, mb, ctx);
+        stage.backward(0, nullptr, mb, ctx);
+        clip_by_norm(stage.grads(), stage.num_params(), sum_squares(stage.grads(), stage.num_params()), 1.0);
+        adamw.step(stage.params(), stage.grads(), 3e-4);
+        const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        if (s >= opt.warmup) secs.push_back(dt);
+      }
+      BenchResult r;
+      r.vocab = vocab;
+      r.dtype = dtype;
+      r.params = stage.num_params();
+      double total = 0;
+      for (double s : secs) total += s;
+      r.tokens_per_s = static_cast<double>(x.size()) * static_cast<double>(secs.size()) / total;
+      std::sort(secs.begin(), secs.end());
+      r.tokens_per_s_median = static_cast<double>(x.size()) / secs[secs.size() / 2];
+      r.flops_per_token = train_flops_per_token(m);
+      r.gflops = r.tokens_per_s * r.flops_per_token / 1e9;
+      r.peak_gflops = peak;
+      r.mfu = r.gflops / peak;
+      out.push_back(r);
+      if (opt.json) {
+        nlohmann::json j{{"vocab", vocab}, {"dtype", dtype}, {"tokens_per_s", r.tokens_per_s},
+                         {"tokens_per_s_median", r.tokens_per_s_median}, {"gflops", r.gflops},
+                         {"mfu", r.mfu}, {"peak_gflops", peak}, {"threads", opt.threads},
+                         {"steps", opt.steps}, {"params", r.params}};
+        std::printf("%s\n", j.dump().c_str());
+        std::fflush(stdout);
+      }
+    }
+  }
+  return out;
+}
+
+}  // namespace pipenag

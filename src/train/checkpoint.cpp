@@ -1,0 +1,166 @@
+#include "train/checkpoint.h"
+
+#include <fcntl.h>
+#include <stdio.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+#include <nlohmann/json.hpp>
+
+#include "io/atomic_file.h"
+#include "io/safetensors.h"
+#include "train/config_file.h"
+#include "util/error.h"
+
+namespace pipenag {
+namespace fs = std::filesystem;
+
+namespace {
+
+constexpr int kFormatVersion = 1;
+
+void fsync_dir(const std::string& dir) {
+  const int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY);
+  if (fd >= 0) {
+    ::fsync(fd);
+    ::close(fd);
+  }
+}
+
+}  // namespace
+
+std::string model_config_difference(const ModelConfig& there, const ModelConfig& here) {
+  auto diff = [](const char* key, auto a, auto b) -> std::string {
+    if (a == b) return "";
+    return std::string("model.") + key + " is " + std::to_string(a) + " there, " +
+           std::to_string(b) + " here";
+  };
+  for (const std::string& d :
+       {diff("n_layer", there.n_layer, here.n_layer), diff("n_embd", there.n_embd, here.n_embd),
+        diff("n_head", there.n_head, here.n_head),
+        diff("block_size", there.block_size, here.block_size),
+        diff("vocab_size", there.vocab_size, here.vocab_size),
+        diff("tie_embeddings", int(there.tie_embeddings), int(here.tie_embeddings))})
+    if (!d.empty()) return d;
+  if (there.activation != here.activation) return "model.activation differs";
+  return "";
+}
+
+void save_checkpoint(const std::string& dir, const Config& cfg, const Stage& stage,
+                     const AdamW* opt, const TrainState& st) {
+  const fs::path final_dir(dir);
+  const std::string tmp = dir + ".tmp." + std::to_string(::getpid());
+  std::error_code ec;
+  fs::remove_all(tmp, ec);
+  make_dirs(tmp);
+  try {
+    SafetensorsWriter model;
+    model.set_metadata("format", "pipenag");
+    model.set_metadata("step", std::to_string(st.step));
+    for (const auto& p : stage.param_table())
+      model.add(p.name, Dtype::F32, p.shape, stage.params() + p.offset);
+    model.write(tmp + "/model.safetensors");
+
+    if (opt) {
+      SafetensorsWriter o;
+      o.set_metadata("optimizer", "adamw");
+      o.set_metadata("step", std::to_string(opt->step_count()));
+      for (const auto& p : stage.param_table()) {
+        o.add("exp_avg." + p.name, Dtype::F32, p.shape, opt->m().data() + p.offset);
+        o.add("exp_avg_sq." + p.name, Dtype::F32, p.shape, opt->v().data() + p.offset);
+      }
+      o.write(tmp + "/optimizer.safetensors");
+    }
+
+    nlohmann::json state;
+    state["format"] = "pipenag-checkpoint";
+    state["format_version"] = kFormatVersion;
+    state["step"] = st.step;
+    state["data_position"] = st.data_position;
+    state["tokens"] = st.tokens;
+    state["optimizer_step"] = opt ? opt->step_count() : 0;
+    state["config"] = config_to_json(cfg);
+  state["config_toml"] = config_to_toml(cfg);
+    write_file_atomic(tmp + "/state.json", state.dump(2) + "\n");
+    write_file_atomic(tmp + "/config.toml", config_to_toml(cfg));
+    fsync_dir(tmp);
+
+    // Swap the new folder in with one atomic rename; the old one (now at tmp) is removed after.
+    if (fs::exists(final_dir)) {
+      if (::renameat2(AT_FDCWD, tmp.c_str(), AT_FDCWD, dir.c_str(), RENAME_EXCHANGE) != 0)
+        throw Error(dir + ": cannot replace checkpoint: " + std::strerror(errno));
+      fs::remove_all(tmp, ec);
+    } else {
+      if (std::rename(tmp.c_str(), dir.c_str()) != 0)
+        throw Error(dir + ": cannot create checkpoint: " + std::strerror(errno));
+    }
+    const fs::path parent = final_dir.has_parent_path() ? final_dir.parent_path() : fs::path(".");
+    fsync_dir(parent.string());
+  } catch (...) {
+    fs::remove_all(tmp, ec);
+    throw;
+  }
+}
+
+namespace {
+
+nlohmann::json read_state(const std::string& dir) {
+  const std::string path = dir + "/state.json";
+  if (!fs::is_directory(dir)) throw Error(dir + ": no checkpoint folder");
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(read_file(path));
+  } catch (const nlohmann::json::exception& e) {
+    throw Error(path + ": not valid JSON (" + std::string(e.what()) + ")");
+  }
+  if (!j.is_object() || j.value("format", "") != "pipenag-checkpoint")
+    throw Error(path + ": not a pipenag checkpoint state file");
+  if (j.value("format_version", -1) != kFormatVersion)
+    throw Error(path + ": unsupported checkpoint format version " +
+                j.value("format_version", nlohmann::json(-1)).dump());
+  for (const char* k : {"step", "data_position", "tokens", "config_toml"})
+    if (!j.contains(k)) throw Error(path + ": missing field '" + std::string(k) + "'");
+  return j;
+}
+
+}  // namespace
+
+Config read_checkpoint_config(const std::string& dir) {
+  const nlohmann::json j = read_state(dir);
+  if (!j["config_toml"].is_string()) throw Error(dir + "/state.json: config_toml is not a string");
+  return parse_config(j["config_toml"].get<std::string>(), dir + "/state.json", {});
+}
+
+void load_checkpoint(const std::string& dir, const Config& cfg, Stage& stage, AdamW* opt,
+                     TrainState* st) {
+  const nlohmann::json j = read_state(dir);
+  const Config there = read_checkpoint_config(dir);
+  const std::string d = model_config_difference(there.model, cfg.model);
+  if (!d.empty())
+    throw Error(dir + ": checkpoint is for a different architecture: " + d);
+  const SafetensorsFile model = SafetensorsFile::open(dir + "/model.safetensors");
+  for (const auto& p : stage.param_table()) copy_f32(model, p.name, p.shape, stage.params() + p.offset);
+  if (opt) {
+    const SafetensorsFile o = SafetensorsFile::open(dir + "/optimizer.safetensors");
+    for (const auto& p : stage.param_table()) {
+      copy_f32(o, "exp_avg." + p.name, p.shape, opt->m().data() + p.offset);
+      copy_f32(o, "exp_avg_sq." + p.name, p.shape, opt->v().data() + p.offset);
+    }
+    opt->set_step_count(j.value("optimizer_step", int64_t{0}));
+  }
+  if (st) {
+    try {
+      st->step = j["step"].get<int64_t>();
+      st->data_position = j["data_position"].get<int64_t>();
+      st->tokens = j["tokens"].get<int64_t>();
+    } catch (const nlohmann::json::exception& e) {
+      throw Error(dir + "/state.json: bad field (" + std::string(e.what()) + ")");
+    }
+    if (st->step < 0 || st->data_position < 0)
+      throw Error(dir + "/state.json: negative step or data position");
+  }
+}
+
+}  // namespace pipenag

@@ -1,0 +1,37 @@
+// The training loop of a single-stage model: data, forward/backward, clipping, AdamW with the
+// warm-up + cosine schedule, evaluation, metrics, progress and checkpoints. The pipeline issue
+// generalises the step to several stages; everything around it stays.
+#pragma once
+#include <cstdint>
+#include <functional>
+#include <string>
+
+#include "model/config.h"
+
+namespace pipenag {
+
+struct TrainOptions {
+  bool resume = false;     // continue from <out>/checkpoint
+  int64_t stop_at = -1;    // stop (with a checkpoint) after this many updates, as if interrupted
+  bool quiet = false;      // no progress output
+};
+
+struct TrainResult {
+  int64_t steps = 0;
+  double last_loss = 0.0;     // training loss of the last step
+  double val_loss = -1.0;     // last evaluation (-1: none)
+  double val_ppl = -1.0;
+  double tokens_per_s = 0.0;  // mean over this invocation
+  std::string checkpoint;     // folder of the final checkpoint
+};
+
+TrainResult train(const Config& cfg, const TrainOptions& opt);
+
+// Mean validation loss of a checkpoint on `batches` batches of the configured validation split.
+struct EvalResult {
+  double loss = 0.0, ppl = 0.0;
+  int64_t tokens = 0;
+};
+EvalResult evaluate_checkpoint(const std::string& checkpoint_dir, const Config& cfg, int batches);
+
+}  // namespace pipenag
