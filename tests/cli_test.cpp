@@ -1,0 +1,231 @@
+// The pipenag binary as a user runs it: training, resume, evaluation, sampling, and one clear
+// error line with a non-zero exit for every kind of bad input.
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace fs = std::filesystem;
+using ::testing::HasSubstr;
+using ::testing::StartsWith;
+
+namespace {
+
+struct RunResult {
+  int code = -1;
+  std::string out, err;
+};
+
+std::string slurp(const fs::path& p) {
+  std::ifstream f(p, std::ios::binary);
+  std::stringstream ss;
+  ss << f.rdbuf();
+  return ss.str();
+}
+
+void spit(const fs::path& p, const std::string& s) {
+  std::ofstream f(p, std::ios::binary);
+  f << s;
+}
+
+class Cli : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = fs::path(::testing::TempDir()) /
+           ("pipenag_cli_" + std::to_string(::getpid()) + "_" +
+            ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    fs::remove_all(dir_);
+    fs::create_directories(dir_ / "corpus");
+    // A small deterministic corpus of five documents.
+    const char* words[] = {"the", "union", "congress", "people", "law", "peace", "trade",
+                           "state", "nation", "year", "public", "duty", "war", "treaty"};
+    unsigned s = 1;
+    for (int d = 0; d < 5; ++d) {
+      std::string text;
+      for (int i = 0; i < 1500; ++i) {
+        s = s * 1103515245u + 12345u;
+        text += words[(s >> 16) % 14];
+        text += (i % 11 == 10) ? ".\n" : " ";
+      }
+      spit(dir_ / "corpus" / ("doc" + std::to_string(d) + ".txt"), text);
+    }
+    spit(dir_ / "tiny.toml", R"([model]
+n_layer = 2
+n_embd = 32
+n_head = 2
+block_size = 32
+vocab_size = 256
+[train]
+steps = 8
+batch_size = 4
+lr = 3e-3
+warmup_steps = 2
+eval_every = 4
+eval_batches = 2
+threads = 2
+[data]
+input = ")" + (dir_ / "corpus").string() + R"("
+val_fraction = 0.2
+[out]
+dir = ")" + (dir_ / "out").string() + "\"\n");
+  }
+  void TearDown() override {
+    if (!HasFailure()) fs::remove_all(dir_);
+  }
+
+  RunResult run(const std::string& args) {
+    const fs::path o = dir_ / "stdout.txt", e = dir_ / "stderr.txt";
+    const std::string cmd = std::string(PIPENAG_BINARY) + " " + args + " >" + o.string() + " 2>" + e.string();
+    const int st = std::system(cmd.c_str());
+    RunResult r;
+    r.code = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+    r.out = slurp(o);
+    r.err = slurp(e);
+    return r;
+  }
+  // A failing command: non-zero exit, no crash, exactly one line "pipenag: ..." on stderr.
+  void expect_error(const std::string& args, const std::string& needle) {
+    const RunResult r = run(args);
+    EXPECT_NE(r.code, 0) << args;
+    EXPECT_LT(r.code, 128) << "crashed: " << args;
+    EXPECT_THAT(r.err, StartsWith("pipenag: ")) << args;
+    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+    EXPECT_THAT(r.err, HasSubstr(needle)) << args;
+  }
+  std::string cfg() const { return "--config " + (dir_ / "tiny.toml").string(); }
+  std::vector<nlohmann::json> metrics(const fs::path& out) {
+    std::vector<nlohmann::json> v;
+    std::istringstream in(slurp(out / "metrics.jsonl"));
+    std::string line;
+    while (std::getline(in, line)) v.push_back(nlohmann::json::parse(line));
+    return v;
+  }
+  fs::path dir_;
+};
+
+TEST_F(Cli, TrainsWritesMetricsAndCheckpoint) {
+  const RunResult r = run("train -q " + cfg());
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_THAT(r.out, HasSubstr("done: 8 steps"));
+  const auto m = metrics(dir_ / "out");
+  int steps = 0, evals = 0;
+  for (const auto& j : m) {
+    if (j.contains("loss")) {
+      ++steps;
+      for (const char* k : {"step", "loss", "lr", "grad_norm", "tokens_per_s", "tokens"})
+        EXPECT_TRUE(j.contains(k)) << k;
+    }
+    if (j.contains("val_loss")) {
+      ++evals;
+      EXPECT_NEAR(j["val_ppl"].get<double>(), std::exp(j["val_loss"].get<double>()), 1e-9);
+    }
+  }
+  EXPECT_EQ(steps, 8);
+  EXPECT_EQ(evals, 2);
+  for (const char* f : {"model.safetensors", "optimizer.safetensors", "state.json", "config.toml"})
+    EXPECT_TRUE(fs::exists(dir_ / "out" / "checkpoint" / f)) << f;
+  // No temporary files left behind.
+  for (const auto& e : fs::directory_iterator(dir_ / "out"))
+    EXPECT_THAT(e.path().filename().string(), ::testing::Not(HasSubstr(".tmp"))) << e.path();
+
+  const RunResult ev = run("eval --checkpoint " + (dir_ / "out" / "checkpoint").string() + " --batches 2");
+  ASSERT_EQ(ev.code, 0) << ev.err;
+  EXPECT_THAT(ev.out, HasSubstr("val loss"));
+  const RunResult s = run("sample --checkpoint " + (dir_ / "out" / "checkpoint").string() +
+                    " --prompt 'the union' --tokens 20 --seed 3");
+  ASSERT_EQ(s.code, 0) << s.err;
+  EXPECT_THAT(s.out, StartsWith("the union"));
+  EXPECT_EQ(s.out.size(), std::string("the union").size() + 20 + 1);
+}
+
+TEST_F(Cli, ResumeIsBitIdenticalToUninterruptedRun) {
+  ASSERT_EQ(run("train -q " + cfg() + " --set out.dir=" + (dir_ / "full").string()).code, 0);
+  const RunResult a = run("train -q " + cfg() + " --set out.dir=" + (dir_ / "split").string() + " --stop-at 4");
+  ASSERT_EQ(a.code, 0) << a.err;
+  const RunResult b = run("train -q " + cfg() + " --set out.dir=" + (dir_ / "split").string() + " --resume");
+  ASSERT_EQ(b.code, 0) << b.err;
+  const auto full = metrics(dir_ / "full"), split = metrics(dir_ / "split");
+  ASSERT_EQ(full.size(), split.size());
+  for (size_t i = 0; i < full.size(); ++i) {
+    for (const char* k : {"step", "loss", "grad_norm", "lr", "val_loss", "tokens"})
+      if (full[i].contains(k)) {
+        EXPECT_EQ(full[i][k], split[i][k]) << "line " << i << " " << k;
+      }
+  }
+  EXPECT_EQ(slurp(dir_ / "full" / "checkpoint" / "model.safetensors"),
+            slurp(dir_ / "split" / "checkpoint" / "model.safetensors"));
+  EXPECT_EQ(slurp(dir_ / "full" / "checkpoint" / "optimizer.safetensors"),
+            slurp(dir_ / "split" / "checkpoint" / "optimizer.safetensors"));
+}
+
+TEST_F(Cli, BadConfigInputs) {
+  spit(dir_ / "bad.toml", "[model\nn_layer = 2\n");
+  expect_error("train --config " + (dir_ / "bad.toml").string(), "bad.toml");
+  expect_error("train " + cfg() + " --set model.n_embed=4", "unknown key 'model.n_embed'");
+  expect_error("train " + cfg() + " --set model.n_layer=\\\"two\\\"", "model.n_layer");
+  expect_error("train " + cfg() + " --set model.n_embd=30 --set model.n_head=4", "divisible");
+  expect_error("train " + cfg() + " --set train.lr=-1", "train.lr");
+  expect_error("train " + cfg() + " --set model.vocab_size=65", "vocab");
+  expect_error("train " + cfg() + " --set model.block_size=100000", "block_size");
+  const RunResult r = run("train --config " + (dir_ / "nope.toml").string());
+  EXPECT_NE(r.code, 0);
+  EXPECT_THAT(r.err, HasSubstr("nope.toml"));
+}
+
+TEST_F(Cli, BadDataInputs) {
+  expect_error("train " + cfg() + " --set data.input=" + (dir_ / "missing").string(), "missing");
+  fs::create_directories(dir_ / "empty");
+  expect_error("train " + cfg() + " --set data.input=" + (dir_ / "empty").string(), "no .txt files");
+  spit(dir_ / "empty.txt", "");
+  expect_error("train " + cfg() + " --set data.input=" + (dir_ / "empty.txt").string(), "empty");
+}
+
+TEST_F(Cli, BadCheckpoints) {
+  ASSERT_EQ(run("train -q " + cfg()).code, 0);
+  const fs::path ck = dir_ / "out" / "checkpoint";
+  const std::string good = slurp(ck / "model.safetensors");
+
+  // A different architecture.
+  expect_error("train " + cfg() + " --resume --set model.n_layer=3", "different architecture");
+  // Truncated weights.
+  spit(ck / "model.safetensors", good.substr(0, good.size() / 2));
+  expect_error("train " + cfg() + " --resume", "model.safetensors");
+  expect_error("eval --checkpoint " + ck.string(), "model.safetensors");
+  // Garbage header.
+  spit(ck / "model.safetensors", std::string(64, '\xff'));
+  expect_error("train " + cfg() + " --resume", "model.safetensors");
+  spit(ck / "model.safetensors", good);
+  // Corrupt state.
+  const std::string state = slurp(ck / "state.json");
+  spit(ck / "state.json", "{ not json");
+  expect_error("train " + cfg() + " --resume", "state.json");
+  spit(ck / "state.json", state);
+  // Missing checkpoint.
+  expect_error("train " + cfg() + " --resume --set out.dir=" + (dir_ / "none").string(), "checkpoint");
+  expect_error("sample --checkpoint " + (dir_ / "none").string(), "none");
+  // Bad sampling options.
+  expect_error("sample --checkpoint " + ck.string() + " --temperature -1", "temperature");
+  // The failed resumes left the checkpoint as it was.
+  EXPECT_EQ(slurp(ck / "model.safetensors"), good);
+}
+
+TEST_F(Cli, HelpListsCommandsAndKeys) {
+  const RunResult r = run("--help");
+  EXPECT_EQ(r.code, 0);
+  for (const char* c : {"train", "eval", "sample", "bench"}) EXPECT_THAT(r.out, HasSubstr(c));
+  const RunResult t = run("train --help");
+  EXPECT_EQ(t.code, 0);
+  for (const char* k : {"model.n_layer", "train.lr", "train.warmup_steps", "data.input", "out.dir"})
+    EXPECT_THAT(t.out, HasSubstr(k));
+  const RunResult u = run("frobnicate");
+  EXPECT_NE(u.code, 0);
+}
+
+}  // namespace
