@@ -2,6 +2,7 @@
 // error line with a non-zero exit for every kind of bad input.
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -214,6 +215,39 @@ TEST_F(Cli, BadCheckpoints) {
   expect_error("sample --checkpoint " + ck.string() + " --temperature -1", "temperature");
   // The failed resumes left the checkpoint as it was.
   EXPECT_EQ(slurp(ck / "model.safetensors"), good);
+}
+
+TEST_F(Cli, InterruptSavesACheckpointThatResumes) {
+  const fs::path out = dir_ / "out";
+  const pid_t pid = ::fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    const std::string err = (dir_ / "stderr.txt").string();
+    std::freopen(err.c_str(), "w", stderr);
+    const std::string config = (dir_ / "tiny.toml").string();
+    ::execl(PIPENAG_BINARY, PIPENAG_BINARY, "train", "-q", "--config", config.c_str(), "--set",
+            "train.steps=100000", "--set", "train.eval_every=0", static_cast<char*>(nullptr));
+    ::_exit(127);
+  }
+  // Wait until a few steps are logged, then interrupt like Ctrl-C.
+  for (int i = 0; i < 600; ++i) {
+    if (fs::exists(out / "metrics.jsonl") && metrics(out).size() >= 3) break;
+    ::usleep(50000);
+  }
+  ::kill(pid, SIGINT);
+  int st = 0;
+  ::waitpid(pid, &st, 0);
+  ASSERT_TRUE(WIFEXITED(st));
+  EXPECT_EQ(WEXITSTATUS(st), 1);
+  EXPECT_THAT(slurp(dir_ / "stderr.txt"), HasSubstr("interrupted"));
+  const auto j = nlohmann::json::parse(slurp(out / "checkpoint" / "state.json"));
+  const int64_t step = j["step"].get<int64_t>();
+  EXPECT_GE(step, 3);
+  EXPECT_EQ(static_cast<int64_t>(metrics(out).size()), step);  // every finished step was logged
+  const RunResult r = run("train -q " + cfg() + " --resume --set train.steps=" + std::to_string(step + 2) +
+                    " --set train.eval_every=0");
+  EXPECT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(static_cast<int64_t>(metrics(out).size()), step + 2);
 }
 
 TEST_F(Cli, HelpListsCommandsAndKeys) {
