@@ -1,0 +1,128 @@
+// Causal self-attention on BLAS. Each (batch, head) pair is independent and runs on one thread;
+// OpenBLAS (OpenMP build) sees it is inside a parallel region and stays single-threaded, so the
+// split of pairs over threads cannot change any result.
+//
+// Causality is exploited in blocks of kBlock rows: row block i only meets key blocks 0..i, so
+// about half of the dense T x T work is skipped. Inside the diagonal block the few entries above
+// the diagonal are computed and then zeroed (cheaper than smaller GEMMs).
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+
+#include "kernels/kernels.h"
+#include "kernels/vec_math.h"
+
+namespace pipenag::kernels {
+
+namespace {
+constexpr int kBlock = 64;
+}  // namespace
+
+template <typename T>
+void attention_forward(T* out, T* att, const T* qkv, int B, int T_, int C, int NH) {
+  const int hs = C / NH;
+  const int C3 = 3 * C;
+  const T scale = T(1) / std::sqrt(static_cast<T>(hs));
+  const size_t TT = static_cast<size_t>(T_) * T_;
+#pragma omp parallel for schedule(static)
+  for (int p = 0; p < B * NH; ++p) {
+    const int b = p / NH, h = p % NH;
+    const T* q = qkv + static_cast<size_t>(b) * T_ * C3 + static_cast<size_t>(h) * hs;
+    const T* k = q + C;
+    const T* v = q + 2 * C;
+    T* a = att + p * TT;
+    T* o = out + static_cast<size_t>(b) * T_ * C + static_cast<size_t>(h) * hs;
+    for (int r0 = 0; r0 < T_; r0 += kBlock) {
+      const int rows = std::min(kBlock, T_ - r0);
+      const int keys = r0 + rows;
+      T* ab = a + static_cast<size_t>(r0) * T_;
+      sgemm<T>(false, true, rows, keys, hs, scale, q + static_cast<size_t>(r0) * C3, C3, k, C3, 0,
+               ab, T_);
+      for (int t = r0; t < keys; ++t) {
+        T* row = a + static_cast<size_t>(t) * T_;
+        const int n = t + 1;
+        const T mx = detail::row_max(row, n);
+        const T sum = detail::exp_shift_store_sum(row, row, n, mx);
+        detail::scale_row(row, n, T(1) / sum);
+        // The P @ V product below spans the whole diagonal block, and the backward reads these
+        // zeros too: the masked entries must be exactly 0.
+        std::fill(row + n, row + keys, T(0));
+      }
+      sgemm<T>(false, false, rows, hs, keys, 1, ab, T_, v, C3, 0, o + static_cast<size_t>(r0) * C,
+               C);
+    }
+  }
+}
+
+size_t attention_backward_scratch_floats(int B, int T, int C, int NH) {
+  // One T x T dS buffer per thread (256 KB at T = 256: it stays in L2 across the pair).
+  return static_cast<size_t>(omp_get_max_threads()) * static_cast<size_t>(T) * T;
+}
+
+template <typename T>
+void attention_backward(T* dqkv, const T* dout, const T* qkv, const T* att, int B, int T_, int C,
+                        int NH, T* scratch) {
+  if (!dqkv) return;
+  const int hs = C / NH;
+  const int C3 = 3 * C;
+  const T scale = T(1) / std::sqrt(static_cast<T>(hs));
+  const size_t TT = static_cast<size_t>(T_) * T_;
+#pragma omp parallel for schedule(static)
+  for (int p = 0; p < B * NH; ++p) {
+    const int b = p / NH, h = p % NH;
+    T* ds = scratch + static_cast<size_t>(omp_get_thread_num()) * TT;
+    const size_t qoff = static_cast<size_t>(b) * T_ * C3 + static_cast<size_t>(h) * hs;
+    const T* q = qkv + qoff;
+    const T* k = q + C;
+    const T* v = q + 2 * C;
+    T* dq = dqkv + qoff;
+    T* dk = dq + C;
+    T* dv = dq + 2 * C;
+    const T* a = att + p * TT;
+    const T* dO = dout + static_cast<size_t>(b) * T_ * C + static_cast<size_t>(h) * hs;
+
+    // Row blocks: dP = dO V^T, then the softmax backward dS = P * (dP - rowsum(P * dP)) in place,
+    // then dQ += scale * dS K.
+    for (int r0 = 0; r0 < T_; r0 += kBlock) {
+      const int rows = std::min(kBlock, T_ - r0);
+      const int keys = r0 + rows;
+      T* dsb = ds + static_cast<size_t>(r0) * T_;
+      sgemm<T>(false, true, rows, keys, hs, 1, dO + static_cast<size_t>(r0) * C, C, v, C3, 0, dsb,
+               T_);
+      for (int t = r0; t < keys; ++t) {
+        T* d = ds + static_cast<size_t>(t) * T_;
+        const T* pr = a + static_cast<size_t>(t) * T_;
+        const int n = t + 1;
+        T dot = 0;
+#pragma omp simd reduction(+ : dot)
+        for (int j = 0; j < n; ++j) dot += pr[j] * d[j];
+#pragma omp simd
+        for (int j = 0; j < n; ++j) d[j] = pr[j] * (d[j] - dot);
+        std::fill(d + n, d + keys, T(0));
+      }
+      sgemm<T>(false, false, rows, hs, keys, scale, dsb, T_, k, C3, 1,
+               dq + static_cast<size_t>(r0) * C3, C3);
+    }
+    // Key blocks: only rows at or below the block meet it. dK += scale * dS^T Q, dV += P^T dO.
+    for (int c0 = 0; c0 < T_; c0 += kBlock) {
+      const int cols = std::min(kBlock, T_ - c0);
+      const int nr = T_ - c0;
+      const size_t diag = static_cast<size_t>(c0) * T_ + c0;
+      sgemm<T>(true, false, cols, hs, nr, scale, ds + diag, T_, q + static_cast<size_t>(c0) * C3,
+               C3, 1, dk + static_cast<size_t>(c0) * C3, C3);
+      sgemm<T>(true, false, cols, hs, nr, 1, a + diag, T_, dO + static_cast<size_t>(c0) * C, C, 1,
+               dv + static_cast<size_t>(c0) * C3, C3);
+    }
+  }
+}
+
+#define PIPENAG_INSTANTIATE(T)                                                                  \
+  template void attention_forward<T>(T*, T*, const T*, int, int, int, int);                   \
+  template void attention_backward<T>(T*, const T*, const T*, const T*, int, int, int, int, T*);
+PIPENAG_INSTANTIATE(float)
+PIPENAG_INSTANTIATE(double)
+#undef PIPENAG_INSTANTIATE
+
+}  // namespace pipenag::kernels
