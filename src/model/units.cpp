@@ -4,6 +4,7 @@
 #include <cstring>
 
 #include "kernels/kernels.h"
+#include "kernels/matmul_bf16.h"
 
 namespace pipenag {
 namespace k = kernels;
@@ -22,6 +23,17 @@ void Unit::add_param(const std::string& name, std::vector<int64_t> shape, ParamI
 namespace {
 
 void zero(float* p, size_t n) { std::memset(p, 0, n * sizeof(float)); }
+
+void linear_fwd(const UnitContext& ctx, float* out, const float* in, const float* W,
+                const float* b, int M, int K, int N) {
+  if (ctx.bf16) ctx.bf16->forward(out, in, W, b, M, K, N);
+  else k::linear_forward(out, in, W, b, M, K, N);
+}
+void linear_bwd(const UnitContext& ctx, float* din, float* dW, float* db, const float* dout,
+                const float* in, const float* W, int M, int K, int N) {
+  if (ctx.bf16) ctx.bf16->backward(din, dW, db, dout, in, W, M, K, N);
+  else k::linear_backward(din, dW, db, dout, in, W, M, K, N);
+}
 
 void activation_forward(Activation a, float* out, const float* in, size_t n) {
   if (a == Activation::ReLU) k::relu_forward(out, in, n);
@@ -120,15 +132,15 @@ class BlockUnit final : public Unit {
     const auto& P = params();
     const Acts a = layout(acts, ctx.B);
     k::layernorm_forward(a.ln1, a.mean1, a.rstd1, in, w + P[0].offset, w + P[1].offset, M, C);
-    k::linear_forward(a.qkv, a.ln1, w + P[2].offset, static_cast<const float*>(nullptr), M, C,
+    linear_fwd(ctx, a.qkv, a.ln1, w + P[2].offset, static_cast<const float*>(nullptr), M, C,
                       3 * C);
     k::attention_forward(a.atty, a.att, a.qkv, ctx.B, cfg_.block_size, C, cfg_.n_head);
-    k::linear_forward(a.xmid, a.atty, w + P[3].offset, w + P[4].offset, M, C, C);
+    linear_fwd(ctx, a.xmid, a.atty, w + P[3].offset, w + P[4].offset, M, C, C);
     k::add(a.xmid, a.xmid, in, MC);
     k::layernorm_forward(a.ln2, a.mean2, a.rstd2, a.xmid, w + P[5].offset, w + P[6].offset, M, C);
-    k::linear_forward(a.fc, a.ln2, w + P[7].offset, w + P[8].offset, M, C, 4 * C);
+    linear_fwd(ctx, a.fc, a.ln2, w + P[7].offset, w + P[8].offset, M, C, 4 * C);
     activation_forward(cfg_.activation, a.fca, a.fc, 4 * MC);
-    k::linear_forward(out, a.fca, w + P[9].offset, w + P[10].offset, M, 4 * C, C);
+    linear_fwd(ctx, out, a.fca, w + P[9].offset, w + P[10].offset, M, 4 * C, C);
     k::add(out, out, a.xmid, MC);
   }
 
@@ -149,24 +161,24 @@ class BlockUnit final : public Unit {
 
     std::memcpy(dxmid, dout, MC * sizeof(float));
     zero(dfca, 4 * MC);
-    k::linear_backward(dfca, g + P[9].offset, g + P[10].offset, dout, a.fca, w + P[9].offset, M,
+    linear_bwd(ctx, dfca, g + P[9].offset, g + P[10].offset, dout, a.fca, w + P[9].offset, M,
                        4 * C, C);
     zero(dfc, 4 * MC);
     activation_backward(cfg_.activation, dfc, dfca, a.fc, 4 * MC);
     zero(dln, MC);
-    k::linear_backward(dln, g + P[7].offset, g + P[8].offset, dfc, a.ln2, w + P[7].offset, M, C,
+    linear_bwd(ctx, dln, g + P[7].offset, g + P[8].offset, dfc, a.ln2, w + P[7].offset, M, C,
                        4 * C);
     k::layernorm_backward(dxmid, g + P[5].offset, g + P[6].offset, dln, a.xmid, w + P[5].offset,
                           a.mean2, a.rstd2, M, C);
     k::add(din, din, dxmid, MC);
     zero(datty, MC);
-    k::linear_backward(datty, g + P[3].offset, g + P[4].offset, dxmid, a.atty, w + P[3].offset, M,
+    linear_bwd(ctx, datty, g + P[3].offset, g + P[4].offset, dxmid, a.atty, w + P[3].offset, M,
                        C, C);
     zero(dqkv, 3 * MC);
     k::attention_backward(dqkv, datty, a.qkv, a.att, ctx.B, cfg_.block_size, C, cfg_.n_head,
                           att_scratch);
     zero(dln, MC);
-    k::linear_backward(dln, g + P[2].offset, static_cast<float*>(nullptr), dqkv, a.ln1,
+    linear_bwd(ctx, dln, g + P[2].offset, static_cast<float*>(nullptr), dqkv, a.ln1,
                        w + P[2].offset, M, C, 3 * C);
     k::layernorm_backward(din, g + P[0].offset, g + P[1].offset, dln, in, w + P[0].offset, a.mean1,
                           a.rstd1, M, C);
@@ -226,13 +238,13 @@ class HeadUnit final : public Unit {
       const int n = std::min(rows, M - r0);
       const float* x = lnf + static_cast<size_t>(r0) * C;
       const int32_t* tgt = ctx.targets + r0;
-      k::linear_forward(logits, x, W, bias, n, C, V);
+      linear_fwd(ctx, logits, x, W, bias, n, C, V);
       double mean_loss;
       if (ctx.training) {
         mean_loss = k::softmax_xent_forward_backward(logits, losses, tgt, n, V, ctx.grad_scale);
         float* dW = tied ? ctx.tied_dwte : g + P[2].offset;
         float* db = g + P[tied ? 2 : 3].offset;
-        k::linear_backward(dlnf + static_cast<size_t>(r0) * C, dW, db, logits, x, W, n, C, V);
+        linear_bwd(ctx, dlnf + static_cast<size_t>(r0) * C, dW, db, logits, x, W, n, C, V);
       } else {
         mean_loss = k::softmax_xent_forward(losses, logits, tgt, n, V);
       }

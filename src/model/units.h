@@ -15,6 +15,9 @@
 #include "model/param_table.h"
 
 namespace pipenag {
+namespace kernels {
+class Bf16Linear;
+}
 
 // What a unit's forward/backward needs besides weights and activations.
 struct UnitContext {
@@ -26,6 +29,8 @@ struct UnitContext {
   // Tied embeddings: the head reads wte / accumulates dwte through these (set by the owner).
   const float* tied_wte = nullptr;
   float* tied_dwte = nullptr;
+  // When set, the linear layers' matrix products run in bf16 through it (fp32 accumulation).
+  kernels::Bf16Linear* bf16 = nullptr;
   // Outputs of the head.
   double loss_sum = 0.0;              // sum of per-token losses of the micro-batch
   int64_t loss_count = 0;             // positions that counted

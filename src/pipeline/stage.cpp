@@ -52,6 +52,12 @@ size_t Stage::boundary_floats() const {
   return static_cast<size_t>(B_) * cfg_.block_size * cfg_.n_embd;
 }
 
+void Stage::set_bf16(bool on) {
+  if (on && !kernels::Bf16Linear::hardware_support())
+    throw Error("train.bf16 needs a CPU with AVX512_BF16 or AMX (this one has neither)");
+  bf16_ = on ? std::make_unique<kernels::Bf16Linear>() : nullptr;
+}
+
 void Stage::init_params(uint64_t seed) {
   for (const auto& s : table_) init_param(params_.data() + s.offset, s, seed);
 }
@@ -79,6 +85,7 @@ void Stage::forward(int slot, const float* input, const MicroBatch& mb, UnitCont
   ctx.tokens = mb.tokens;
   ctx.targets = mb.targets;
   bind_tied(ctx, w, grads_.data());
+  ctx.bf16 = bf16_.get();
   for (size_t i = 0; i < units_.size(); ++i) {
     const size_t off = unit_offset_[i];
     units_[i]->forward(w + off, grads_.data() + off, unit_input(s, static_cast<int>(i)),
@@ -102,6 +109,7 @@ void Stage::backward(int slot, const float* dout, const MicroBatch& mb, UnitCont
   ctx.tokens = mb.tokens;
   ctx.targets = mb.targets;
   bind_tied(ctx, w, grads_.data());
+  ctx.bf16 = bf16_.get();
   const size_t nb = boundary_floats();
   // Ping-pong between two boundary buffers: the gradient of unit i's output becomes the
   // gradient of unit i-1's output.

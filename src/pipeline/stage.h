@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "model/config.h"
+#include "kernels/matmul_bf16.h"
 #include "model/units.h"
 
 namespace pipenag {
@@ -27,8 +28,8 @@ class Stage {
 
   const ModelConfig& model_config() const { return cfg_; }
   // bf16 matrix products (fp32 master weights and accumulation).
-  void set_bf16(bool on) { bf16_ = on; }
-  bool bf16() const { return bf16_; }
+  void set_bf16(bool on);
+  bool bf16() const { return bf16_ != nullptr; }
   int micro_batch_size() const { return B_; }
   int num_slots() const { return static_cast<int>(slots_.size()); }
   bool has_embedding() const { return first_ == 0; }
@@ -81,7 +82,7 @@ class Stage {
   std::vector<std::unique_ptr<Unit>> units_;  // only this stage's units
   size_t all_units_ = 0;
   int first_ = 0, last_ = 0, B_ = 0;
-  bool bf16_ = false;
+  std::unique_ptr<kernels::Bf16Linear> bf16_;
   std::vector<size_t> unit_offset_;  // into the flat buffers
   std::vector<ParamSpec> table_;
   size_t n_params_ = 0;

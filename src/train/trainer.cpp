@@ -149,6 +149,7 @@ TrainResult train(const Config& cfg, const TrainOptions& opt) {
 
   const int n_units = cfg.model.n_layer + 2;
   Stage stage(cfg.model, 0, n_units, B, 1);
+  stage.set_bf16(cfg.train.bf16);
   AdamWHyper hyper{cfg.train.beta1, cfg.train.beta2, cfg.train.eps, cfg.train.weight_decay};
   AdamW adamw(stage.num_params(), hyper);
   TrainState st;
@@ -252,6 +253,7 @@ EvalResult evaluate_checkpoint(const std::string& checkpoint_dir, const Config& 
   omp_set_num_threads(thread_count(cfg.train));
   Data data = load_data(cfg);
   Stage stage(cfg.model, 0, cfg.model.n_layer + 2, cfg.train.batch_size, 1);
+  stage.set_bf16(cfg.train.bf16);
   load_checkpoint(checkpoint_dir, cfg, stage, nullptr, nullptr);
   std::vector<int32_t> x(stage.boundary_floats() / static_cast<size_t>(cfg.model.n_embd));
   std::vector<int32_t> y(x.size());
