@@ -35,6 +35,18 @@ void linear_bwd(const UnitContext& ctx, float* din, float* dW, float* db, const 
   else k::linear_backward(din, dW, db, dout, in, W, M, K, N);
 }
 
+// As linear_bwd, but din is overwritten rather than accumulated: saves zeroing din first.
+void linear_bwd_overwrite(const UnitContext& ctx, float* din, float* dW, float* db,
+                          const float* dout, const float* in, const float* W, int M, int K, int N) {
+  if (ctx.bf16) {
+    zero(din, static_cast<size_t>(M) * K);
+    ctx.bf16->backward(din, dW, db, dout, in, W, M, K, N);
+    return;
+  }
+  k::sgemm(false, false, M, K, N, 1.0f, dout, N, W, K, 0.0f, din, K);
+  k::linear_backward(static_cast<float*>(nullptr), dW, db, dout, in, W, M, K, N);
+}
+
 void activation_forward(Activation a, float* out, const float* in, size_t n) {
   if (a == Activation::ReLU) k::relu_forward(out, in, n);
   else k::gelu_forward(out, in, n);
@@ -160,25 +172,21 @@ class BlockUnit final : public Unit {
     float* att_scratch = dfc + 4 * MC;
 
     std::memcpy(dxmid, dout, MC * sizeof(float));
-    zero(dfca, 4 * MC);
-    linear_bwd(ctx, dfca, g + P[9].offset, g + P[10].offset, dout, a.fca, w + P[9].offset, M,
+    linear_bwd_overwrite(ctx, dfca, g + P[9].offset, g + P[10].offset, dout, a.fca, w + P[9].offset, M,
                        4 * C, C);
     zero(dfc, 4 * MC);
     activation_backward(cfg_.activation, dfc, dfca, a.fc, 4 * MC);
-    zero(dln, MC);
-    linear_bwd(ctx, dln, g + P[7].offset, g + P[8].offset, dfc, a.ln2, w + P[7].offset, M, C,
+    linear_bwd_overwrite(ctx, dln, g + P[7].offset, g + P[8].offset, dfc, a.ln2, w + P[7].offset, M, C,
                        4 * C);
     k::layernorm_backward(dxmid, g + P[5].offset, g + P[6].offset, dln, a.xmid, w + P[5].offset,
                           a.mean2, a.rstd2, M, C);
     k::add(din, din, dxmid, MC);
-    zero(datty, MC);
-    linear_bwd(ctx, datty, g + P[3].offset, g + P[4].offset, dxmid, a.atty, w + P[3].offset, M,
+    linear_bwd_overwrite(ctx, datty, g + P[3].offset, g + P[4].offset, dxmid, a.atty, w + P[3].offset, M,
                        C, C);
     zero(dqkv, 3 * MC);
     k::attention_backward(dqkv, datty, a.qkv, a.att, ctx.B, cfg_.block_size, C, cfg_.n_head,
                           att_scratch);
-    zero(dln, MC);
-    linear_bwd(ctx, dln, g + P[2].offset, static_cast<float*>(nullptr), dqkv, a.ln1,
+    linear_bwd_overwrite(ctx, dln, g + P[2].offset, static_cast<float*>(nullptr), dqkv, a.ln1,
                        w + P[2].offset, M, C, 3 * C);
     k::layernorm_backward(din, g + P[0].offset, g + P[1].offset, dln, in, w + P[0].offset, a.mean1,
                           a.rstd1, M, C);

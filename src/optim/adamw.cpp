@@ -6,7 +6,7 @@ namespace pipenag {
 
 AdamW::AdamW(size_t n, const AdamWHyper& h) : h_(h), m_(n, 0.0f), v_(n, 0.0f) {}
 
-void AdamW::step(float* w, const float* g, double lr) {
+void AdamW::step(float* w, const float* g, double lr, float grad_scale) {
   ++t_;
   // Scalars in double then rounded once, as PyTorch computes them from Python floats.
   const double bc1 = 1.0 - std::pow(h_.beta1, static_cast<double>(t_));
@@ -22,7 +22,7 @@ void AdamW::step(float* w, const float* g, double lr) {
   const long n = static_cast<long>(m_.size());
 #pragma omp parallel for simd schedule(static)
   for (long i = 0; i < n; ++i) {
-    const float gi = g[i];
+    const float gi = g[i] * grad_scale;
     const float wi = w[i] * decay;
     const float mi = b1 * m[i] + one_b1 * gi;
     const float vi = b2 * v[i] + one_b2 * gi * gi;

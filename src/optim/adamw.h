@@ -18,8 +18,9 @@ struct AdamWHyper {
 class AdamW {
  public:
   AdamW(size_t n, const AdamWHyper& h);
-  // One update of w[n] from gradient g[n] at learning rate lr; increments step().
-  void step(float* w, const float* g, double lr);
+  // One update of w[n] from gradient g[n] * grad_scale at learning rate lr; increments step().
+  // grad_scale carries gradient clipping (clip_scale) without a separate pass over g.
+  void step(float* w, const float* g, double lr, float grad_scale = 1.0f);
   int64_t step_count() const { return t_; }
   std::vector<float>& m() { return m_; }
   std::vector<float>& v() { return v_; }

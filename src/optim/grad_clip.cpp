@@ -22,12 +22,17 @@ double sum_squares(const float* g, size_t n) {
   return total;
 }
 
+float clip_scale(double norm, double max_norm) {
+  if (max_norm <= 0.0) return 1.0f;
+  const double coef = max_norm / (norm + 1e-6);
+  return coef < 1.0 ? static_cast<float>(coef) : 1.0f;
+}
+
 double clip_by_norm(float* g, size_t n, double sumsq, double max_norm) {
   const double norm = std::sqrt(sumsq);
-  if (max_norm > 0.0) {
-    const double coef = max_norm / (norm + 1e-6);
-    if (coef < 1.0) {
-      const float c = static_cast<float>(coef);
+  {
+    const float c = clip_scale(norm, max_norm);
+    if (c != 1.0f) {
       const long nn = static_cast<long>(n);
 #pragma omp parallel for simd schedule(static)
       for (long i = 0; i < nn; ++i) g[i] *= c;

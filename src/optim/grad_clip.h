@@ -6,6 +6,10 @@
 
 namespace pipenag {
 
+// The factor clipping multiplies the gradient by: max_norm / (norm + 1e-6) when that is below 1,
+// else 1 (also when max_norm <= 0, clipping off).
+float clip_scale(double norm, double max_norm);
+
 // Sum of squares of g[n] (deterministic).
 double sum_squares(const float* g, size_t n);
 // Scales g so that its norm is at most max_norm (no-op when max_norm <= 0); returns the norm

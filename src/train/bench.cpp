@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <nlohmann/json.hpp>
 #include <random>
@@ -48,8 +49,8 @@ std::vector<BenchResult> run_bench(const BenchOptions& opt) {
         const MicroBatch mb{x.data(), y.data()};
         stage.forward(0, nullptr, mb, ctx);
         stage.backward(0, nullptr, mb, ctx);
-        clip_by_norm(stage.grads(), stage.num_params(), sum_squares(stage.grads(), stage.num_params()), 1.0);
-        adamw.step(stage.params(), stage.grads(), 3e-4);
+        const double norm = std::sqrt(sum_squares(stage.grads(), stage.num_params()));
+        adamw.step(stage.params(), stage.grads(), 3e-4, clip_scale(norm, 1.0));
         const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
         if (s >= opt.warmup) secs.push_back(dt);
       }

@@ -209,12 +209,10 @@ TrainResult train(const Config& cfg, const TrainOptions& opt) {
     stage.forward(0, nullptr, mb, ctx);
     stage.backward(0, nullptr, mb, ctx);
     const double loss = nan_guard(ctx.loss_sum / static_cast<double>(ctx.loss_count), st.step);
-    const double norm = clip_by_norm(stage.grads(), stage.num_params(),
-                                     sum_squares(stage.grads(), stage.num_params()),
-                                     cfg.train.clip);
+    const double norm = std::sqrt(sum_squares(stage.grads(), stage.num_params()));
     const double lr = lr_at(st.step, cfg.train.lr, cfg.train.warmup_steps, cfg.train.steps,
                             cfg.train.min_lr_ratio);
-    adamw.step(stage.params(), stage.grads(), lr);
+    adamw.step(stage.params(), stage.grads(), lr, clip_scale(norm, cfg.train.clip));
     st.step += 1;
     st.data_position += 1;
     st.tokens += static_cast<int64_t>(B) * T;
