@@ -10,6 +10,7 @@
 # (LD_LIBRARY_PATH=/usr/lib/x86_64-linux-gnu/openblas-openmp), 2 threads.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+ARGS="$*"
 ROUNDS=2 STEPS=10 WARMUP=3 VOCABS=65,50304 DTYPES=fp32,bf16 THREADS=2
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -47,7 +48,7 @@ for r in $(seq 1 "$ROUNDS"); do
   done
 done
 
-/usr/bin/python3 - "$log" "$*" <<'PY'
+/usr/bin/python3 - "$log" "$ARGS" <<'PY'
 import json, statistics, sys, platform
 rows = {}
 torch_tps = {}

@@ -8,6 +8,10 @@ Linear(4C,C); final LayerNorm; untied lm_head Linear(C,V,bias=True). Init N(0,0.
 zero biases. Loss F.cross_entropy over (B*T,V). AdamW(lr 3e-4, betas (0.9,0.999), eps 1e-8,
 weight_decay 0.01), grad-norm clipping at 1.0. Random tokens from a seeded generator.
 
+The benchmark uses that default model; GPT and build_model(cfg) also take activation="gelu" (exact
+erf GELU, nn.GELU()) and tie_embeddings=True, and the parameter names are pipenag's checkpoint
+names (docs/FORMATS.md), so bench/torch_checkpoint_check.py imports this file to load a checkpoint.
+
 One timed step = zero_grad + forward + backward + clip_grad_norm_ + optimizer.step.
 
 Run it the way a user would give PyTorch its best setup (see docs/BLAS.md):
@@ -88,22 +92,25 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, n_embd):
+    def __init__(self, n_embd, activation="relu"):
         super().__init__()
+        if activation not in ("relu", "gelu"):
+            raise ValueError(f"activation must be relu or gelu, not {activation!r}")
         self.c_fc = nn.Linear(n_embd, 4 * n_embd, bias=True)
         self.c_proj = nn.Linear(4 * n_embd, n_embd, bias=True)
+        self.act = nn.ReLU() if activation == "relu" else nn.GELU()  # exact erf GELU, as pipenag's
 
     def forward(self, x):
-        return self.c_proj(F.relu(self.c_fc(x)))
+        return self.c_proj(self.act(self.c_fc(x)))
 
 
 class Block(nn.Module):
-    def __init__(self, n_embd, n_head, block_size, attn_impl):
+    def __init__(self, n_embd, n_head, block_size, attn_impl, activation="relu"):
         super().__init__()
         self.ln_1 = nn.LayerNorm(n_embd)
         self.attn = CausalSelfAttention(n_embd, n_head, block_size, attn_impl)
         self.ln_2 = nn.LayerNorm(n_embd)
-        self.mlp = MLP(n_embd)
+        self.mlp = MLP(n_embd, activation)
 
     def forward(self, x):
         x = x + self.attn(self.ln_1(x))
@@ -111,15 +118,36 @@ class Block(nn.Module):
         return x
 
 
+class TiedHead(nn.Module):
+    """The output layer with tie_embeddings: only its bias is its own (lm_head.bias); the weight is
+    transformer.wte.weight, passed in by GPT.forward."""
+
+    def __init__(self, vocab):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(vocab))
+
+    def forward(self, x, weight):
+        return F.linear(x, weight, self.bias)
+
+
 class GPT(nn.Module):
-    def __init__(self, vocab, block_size, n_layer, n_head, n_embd, attn_impl):
+    """Parameter names are pipenag's checkpoint names (docs/FORMATS.md): transformer.wte,
+    transformer.wpe, transformer.h.<i>.{ln_1,attn.c_attn,attn.c_proj,ln_2,mlp.c_fc,mlp.c_proj},
+    transformer.ln_f, lm_head (only lm_head.bias with tie_embeddings)."""
+
+    def __init__(self, vocab, block_size, n_layer, n_head, n_embd, attn_impl, activation="relu",
+                 tie_embeddings=False):
         super().__init__()
         self.block_size = block_size
-        self.wte = nn.Embedding(vocab, n_embd)
-        self.wpe = nn.Embedding(block_size, n_embd)
-        self.h = nn.ModuleList([Block(n_embd, n_head, block_size, attn_impl) for _ in range(n_layer)])
-        self.ln_f = nn.LayerNorm(n_embd)
-        self.lm_head = nn.Linear(n_embd, vocab, bias=True)  # untied
+        self.tie_embeddings = tie_embeddings
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(vocab, n_embd),
+            wpe=nn.Embedding(block_size, n_embd),
+            h=nn.ModuleList([Block(n_embd, n_head, block_size, attn_impl, activation)
+                             for _ in range(n_layer)]),
+            ln_f=nn.LayerNorm(n_embd),
+        ))
+        self.lm_head = TiedHead(vocab) if tie_embeddings else nn.Linear(n_embd, vocab, bias=True)
         self.apply(self._init_weights)
 
     @staticmethod
@@ -131,14 +159,29 @@ class GPT(nn.Module):
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx, targets):
+    def forward(self, idx, targets=None):
+        """Mean cross-entropy over (B*T) when targets are given, else the logits (B, T, V)."""
         B, T = idx.size()
+        tr = self.transformer
         pos = torch.arange(T, dtype=torch.long, device=idx.device)
-        x = self.wte(idx) + self.wpe(pos)
-        for block in self.h:
+        x = tr.wte(idx) + tr.wpe(pos)
+        for block in tr.h:
             x = block(x)
-        logits = self.lm_head(self.ln_f(x))
+        x = tr.ln_f(x)
+        logits = self.lm_head(x, tr.wte.weight) if self.tie_embeddings else self.lm_head(x)
+        if targets is None:
+            return logits
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+
+
+def build_model(cfg, attn_impl="manual"):
+    """The GPT of a pipenag configuration: cfg is the "config" object of a checkpoint's
+    state.json, or just its "model" section (n_layer, n_embd, n_head, block_size, vocab_size,
+    activation, tie_embeddings)."""
+    m = cfg.get("model", cfg)
+    return GPT(int(m["vocab_size"]), int(m["block_size"]), int(m["n_layer"]), int(m["n_head"]),
+               int(m["n_embd"]), attn_impl, activation=m.get("activation", "relu"),
+               tie_embeddings=bool(m.get("tie_embeddings", False)))
 
 
 def main():
