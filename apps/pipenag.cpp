@@ -124,7 +124,7 @@ int main(int argc, char** argv) {
       const TrainResult r = train(cfg, topt);
       std::printf("done: %lld steps | train loss %.4f", static_cast<long long>(r.steps), r.last_loss);
       if (r.val_loss >= 0) std::printf(" | val loss %.4f | val ppl %.2f", r.val_loss, r.val_ppl);
-      std::printf(" | %.0f tok/s | checkpoint %s\n", r.tokens_per_s, r.checkpoint.c_str());
+      std::printf(" | %.0f tok/s overall | checkpoint %s\n", r.tokens_per_s, r.checkpoint.c_str());
     } else if (*eval) {
       Config cfg = read_checkpoint_config(eval_ckpt);
       for (const auto& o : eval_overrides) apply_override(cfg, o);
