@@ -13,50 +13,21 @@
 #include <string>
 #include <vector>
 
+#include "test_util.h"
+
 namespace fs = std::filesystem;
 using ::testing::HasSubstr;
 using ::testing::StartsWith;
 
 namespace {
 
-struct RunResult {
-  int code = -1;
-  std::string out, err;
-};
-
-std::string slurp(const fs::path& p) {
-  std::ifstream f(p, std::ios::binary);
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
-}
-
-void spit(const fs::path& p, const std::string& s) {
-  std::ofstream f(p, std::ios::binary);
-  f << s;
-}
+using namespace pipenag::testutil;
 
 class Cli : public ::testing::Test {
  protected:
   void SetUp() override {
-    dir_ = fs::path(::testing::TempDir()) /
-           ("pipenag_cli_" + std::to_string(::getpid()) + "_" +
-            ::testing::UnitTest::GetInstance()->current_test_info()->name());
-    fs::remove_all(dir_);
-    fs::create_directories(dir_ / "corpus");
-    // A small deterministic corpus of five documents.
-    const char* words[] = {"the", "union", "congress", "people", "law", "peace", "trade",
-                           "state", "nation", "year", "public", "duty", "war", "treaty"};
-    unsigned s = 1;
-    for (int d = 0; d < 5; ++d) {
-      std::string text;
-      for (int i = 0; i < 1500; ++i) {
-        s = s * 1103515245u + 12345u;
-        text += words[(s >> 16) % 14];
-        text += (i % 11 == 10) ? ".\n" : " ";
-      }
-      spit(dir_ / "corpus" / ("doc" + std::to_string(d) + ".txt"), text);
-    }
+    dir_ = fresh_test_dir("pipenag_cli");
+    write_word_corpus(dir_ / "corpus");
     spit(dir_ / "tiny.toml", R"([model]
 n_layer = 2
 n_embd = 32
@@ -82,14 +53,7 @@ dir = ")" + (dir_ / "out").string() + "\"\n");
   }
 
   RunResult run(const std::string& args) {
-    const fs::path o = dir_ / "stdout.txt", e = dir_ / "stderr.txt";
-    const std::string cmd = std::string(PIPENAG_BINARY) + " " + args + " >" + o.string() + " 2>" + e.string();
-    const int st = std::system(cmd.c_str());
-    RunResult r;
-    r.code = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
-    r.out = slurp(o);
-    r.err = slurp(e);
-    return r;
+    return run_command(std::string(PIPENAG_BINARY) + " " + args, dir_);
   }
   // A failing command: non-zero exit, no crash, exactly one line "pipenag: ..." on stderr.
   void expect_error(const std::string& args, const std::string& needle) {

@@ -16,28 +16,15 @@
 #include <sstream>
 #include <string>
 
+#include "test_util.h"
+
 namespace fs = std::filesystem;
 using ::testing::HasSubstr;
 using ::testing::Not;
 
 namespace {
 
-struct RunResult {
-  int code = -1;
-  std::string out, err;
-};
-
-std::string slurp(const fs::path& p) {
-  std::ifstream f(p, std::ios::binary);
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
-}
-
-void spit(const fs::path& p, const std::string& s) {
-  std::ofstream f(p, std::ios::binary);
-  f << s;
-}
+using namespace pipenag::testutil;
 
 bool torch_available() {
   static const bool ok = std::system("/usr/bin/python3 -c 'import torch' >/dev/null 2>&1") == 0;
@@ -48,39 +35,14 @@ class TorchInterop : public ::testing::Test {
  protected:
   void SetUp() override {
     if (!torch_available()) GTEST_SKIP() << "/usr/bin/python3 cannot import torch";
-    dir_ = fs::path(::testing::TempDir()) /
-           ("pipenag_torch_" + std::to_string(::getpid()) + "_" +
-            ::testing::UnitTest::GetInstance()->current_test_info()->name());
-    fs::remove_all(dir_);
-    fs::create_directories(dir_ / "corpus");
-    // A small deterministic corpus of five documents (as tests/cli_test.cpp).
-    const char* words[] = {"the", "union", "congress", "people", "law", "peace", "trade",
-                           "state", "nation", "year", "public", "duty", "war", "treaty"};
-    unsigned s = 1;
-    for (int d = 0; d < 5; ++d) {
-      std::string text;
-      for (int i = 0; i < 1500; ++i) {
-        s = s * 1103515245u + 12345u;
-        text += words[(s >> 16) % 14];
-        text += (i % 11 == 10) ? ".\n" : " ";
-      }
-      spit(dir_ / "corpus" / ("doc" + std::to_string(d) + ".txt"), text);
-    }
+    dir_ = fresh_test_dir("pipenag_torch");
+    write_word_corpus(dir_ / "corpus");
   }
   void TearDown() override {
     if (!dir_.empty() && !HasFailure()) fs::remove_all(dir_);
   }
 
-  RunResult run(const std::string& cmd_line) {
-    const fs::path o = dir_ / "stdout.txt", e = dir_ / "stderr.txt";
-    const std::string cmd = cmd_line + " >" + o.string() + " 2>" + e.string();
-    const int st = std::system(cmd.c_str());
-    RunResult r;
-    r.code = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
-    r.out = slurp(o);
-    r.err = slurp(e);
-    return r;
-  }
+  RunResult run(const std::string& cmd_line) { return run_command(cmd_line, dir_); }
 
   // Trains the tiny model for 30 steps; returns its checkpoint folder.
   fs::path train(const std::string& activation, bool tie) {

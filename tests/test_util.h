@@ -1,0 +1,73 @@
+// Helpers shared by the tests that run the pipenag binary: files, commands, a small corpus.
+#pragma once
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <string>
+
+namespace pipenag::testutil {
+
+namespace fs = std::filesystem;
+
+struct RunResult {
+  int code = -1;  // exit status, or 128 + signal
+  std::string out, err;
+};
+
+inline std::string slurp(const fs::path& p) {
+  std::ifstream f(p, std::ios::binary);
+  std::stringstream ss;
+  ss << f.rdbuf();
+  return ss.str();
+}
+
+inline void spit(const fs::path& p, const std::string& s) {
+  std::ofstream f(p, std::ios::binary);
+  f << s;
+}
+
+// Runs a shell command line, capturing stdout and stderr through files in `scratch`.
+inline RunResult run_command(const std::string& cmd_line, const fs::path& scratch) {
+  const fs::path o = scratch / "stdout.txt", e = scratch / "stderr.txt";
+  const std::string cmd = cmd_line + " >" + o.string() + " 2>" + e.string();
+  const int st = std::system(cmd.c_str());
+  RunResult r;
+  r.code = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+  r.out = slurp(o);
+  r.err = slurp(e);
+  return r;
+}
+
+// A fresh, empty folder named after the running test.
+inline fs::path fresh_test_dir(const std::string& prefix) {
+  const fs::path d = fs::path(::testing::TempDir()) /
+                     (prefix + "_" + std::to_string(::getpid()) + "_" +
+                      ::testing::UnitTest::GetInstance()->current_test_info()->name());
+  fs::remove_all(d);
+  fs::create_directories(d);
+  return d;
+}
+
+// Five deterministic documents of pseudo-English words (about 10 KB each) in `dir`.
+inline void write_word_corpus(const fs::path& dir) {
+  fs::create_directories(dir);
+  const char* words[] = {"the", "union", "congress", "people", "law", "peace", "trade",
+                         "state", "nation", "year", "public", "duty", "war", "treaty"};
+  unsigned s = 1;
+  for (int d = 0; d < 5; ++d) {
+    std::string text;
+    for (int i = 0; i < 1500; ++i) {
+      s = s * 1103515245u + 12345u;
+      text += words[(s >> 16) % 14];
+      text += (i % 11 == 10) ? ".\n" : " ";
+    }
+    spit(dir / ("doc" + std::to_string(d) + ".txt"), text);
+  }
+}
+
+}  // namespace pipenag::testutil
