@@ -3,15 +3,22 @@
 #include <CLI/CLI.hpp>
 #include <cstdio>
 #include <iostream>
+#include <climits>
+#include <cstdint>
 #include <new>
+#include <sstream>
 #include <string>
 #include <vector>
 
+#include "data/prepare.h"
+#include "data/text_corpus.h"
+#include "data/tokenizer.h"
 #include "model/units.h"
 #include "train/bench.h"
 #include "train/checkpoint.h"
 #include "train/config_file.h"
 #include "train/sample.h"
+#include "io/atomic_file.h"
 #include "train/trainer.h"
 #include "util/error.h"
 
@@ -40,6 +47,29 @@ int parse_int(const std::string& s, const std::string& what) {
   } catch (const std::exception&) {
     throw Error(what + ": '" + s + "' is not an integer");
   }
+}
+
+std::string read_stdin() {
+  std::ostringstream ss;
+  ss << std::cin.rdbuf();
+  return ss.str();
+}
+
+std::vector<int32_t> parse_ids(const std::string& text) {
+  std::vector<int32_t> ids;
+  std::istringstream in(text);
+  std::string word;
+  while (in >> word) {
+    try {
+      size_t pos = 0;
+      const long long v = std::stoll(word, &pos);
+      if (pos != word.size() || v < 0 || v > INT32_MAX) throw std::invalid_argument(word);
+      ids.push_back(static_cast<int32_t>(v));
+    } catch (const std::exception&) {
+      throw Error("decode: '" + word + "' is not a token id (expected non-negative integers)");
+    }
+  }
+  return ids;
 }
 
 void print_bench_table(const std::vector<BenchResult>& rs, const BenchOptions& o) {
@@ -96,6 +126,32 @@ int main(int argc, char** argv) {
   sample->add_option("--top-k", sopt.top_k, "Sample among the k most likely tokens (0: all)")->capture_default_str();
   sample->add_option("--seed", sopt.seed, "Random seed")->capture_default_str();
 
+  // prepare
+  auto* prepare = app.add_subcommand("prepare", "Tokenise a corpus into train.bin / val.bin / meta.json");
+  std::string prep_tok = "byte", prep_input, prep_out;
+  double prep_val = 0.1;
+  uint64_t prep_seed = 0;
+  prepare->add_option("--tokenizer", prep_tok, "byte | gpt2 | tokenizer folder or tokenizer.json")->capture_default_str();
+  prepare->add_option("--input", prep_input, "Text file or folder of .txt files (one file = one document)")->required();
+  prepare->add_option("--out", prep_out, "Output folder")->required();
+  prepare->add_option("--val-fraction", prep_val, "Fraction of documents held out")->capture_default_str();
+  prepare->add_option("--split-seed", prep_seed, "Seed of the document split")->capture_default_str();
+
+  // tokenizer
+  auto* tokcmd = app.add_subcommand("tokenizer", "Encode, decode, or train a byte-level BPE tokenizer");
+  tokcmd->require_subcommand(1);
+  std::string tok_spec = "gpt2";
+  auto* tok_encode = tokcmd->add_subcommand("encode", "stdin text -> token ids, space-separated, one line");
+  tok_encode->add_option("--tokenizer", tok_spec, "byte | gpt2 | tokenizer folder or tokenizer.json")->capture_default_str();
+  auto* tok_decode = tokcmd->add_subcommand("decode", "stdin token ids -> text");
+  tok_decode->add_option("--tokenizer", tok_spec, "byte | gpt2 | tokenizer folder or tokenizer.json")->capture_default_str();
+  auto* tok_train = tokcmd->add_subcommand("train", "Learn a byte-level BPE (GPT-2 pre-tokenisation, GPT-2 file format)");
+  int tok_vocab = 4096;
+  std::string tok_input, tok_out;
+  tok_train->add_option("--vocab-size", tok_vocab, "Vocabulary size (256 bytes + merges + <|endoftext|>)")->capture_default_str();
+  tok_train->add_option("--input", tok_input, "Text file or folder of .txt files")->required();
+  tok_train->add_option("--out", tok_out, "Folder for encoder.json and vocab.bpe")->required();
+
   // bench
   auto* bench = app.add_subcommand("bench", "Speed of one training step: tokens/s, GFLOP/s, MFU");
   BenchOptions bopt;
@@ -133,6 +189,34 @@ int main(int argc, char** argv) {
       std::printf("val loss %.4f | val ppl %.2f | %lld tokens\n", r.loss, r.ppl, static_cast<long long>(r.tokens));
     } else if (*sample) {
       std::printf("%s\n", sample_text(sample_ckpt, sopt).c_str());
+    } else if (*prepare) {
+      const auto tok = load_tokenizer(prep_tok);
+      make_dirs(prep_out);
+      const PrepareStats st = prepare_corpus(prep_input, *tok, prep_out, prep_val, prep_seed);
+      std::printf("prepared %s with %s (vocab %d): %zu documents | train %zu documents, %zu tokens | "
+                  "val %zu documents, %zu tokens | %s\n",
+                  prep_input.c_str(), st.tokenizer.c_str(), st.vocab_size, st.documents, st.train_docs,
+                  st.train_tokens, st.val_docs, st.val_tokens, st.meta_path.c_str());
+    } else if (*tok_encode) {
+      const auto tok = load_tokenizer(tok_spec);
+      const auto ids = tok->encode(read_stdin());
+      std::string line;
+      for (size_t i = 0; i < ids.size(); ++i) {
+        if (i) line += ' ';
+        line += std::to_string(ids[i]);
+      }
+      std::printf("%s\n", line.c_str());
+    } else if (*tok_decode) {
+      const auto tok = load_tokenizer(tok_spec);
+      const auto ids = parse_ids(read_stdin());
+      const std::string text = tok->decode(ids.data(), ids.size());
+      std::fwrite(text.data(), 1, text.size(), stdout);
+    } else if (*tok_train) {
+      std::vector<std::string> texts;
+      for (auto& d : read_documents(tok_input)) texts.push_back(std::move(d.text));
+      train_bpe(texts, tok_vocab, tok_out);
+      std::printf("trained a %d-token BPE on %zu documents: %s/encoder.json, %s/vocab.bpe\n",
+                  tok_vocab, texts.size(), tok_out.c_str(), tok_out.c_str());
     } else if (*bench) {
       bopt.vocabs.clear();
       for (const auto& v : split_commas(vocabs)) bopt.vocabs.push_back(parse_int(v, "--vocab"));

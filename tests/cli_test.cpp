@@ -138,7 +138,7 @@ TEST_F(Cli, BadConfigInputs) {
   expect_error("train " + cfg() + " --set model.n_embd=30 --set model.n_head=4", "divisible");
   expect_error("train " + cfg() + " --set train.lr=-1", "train.lr");
   expect_error("train " + cfg() + " --set model.vocab_size=65", "vocab");
-  expect_error("train " + cfg() + " --set model.block_size=100000", "block_size");
+  expect_error("train " + cfg() + " --set model.block_size=100000", "sequence length 100001 is longer than the training split");
   const RunResult r = run("train --config " + (dir_ / "nope.toml").string());
   EXPECT_NE(r.code, 0);
   EXPECT_THAT(r.err, HasSubstr("nope.toml"));

@@ -69,7 +69,8 @@ TEST(ConfigKeys, TableCoversEveryField) {
       "train.batch_size", "train.lr", "train.warmup_steps", "train.min_lr_ratio",
       "train.weight_decay", "train.beta1", "train.beta2", "train.eps", "train.clip",
       "train.seed", "train.eval_every", "train.eval_batches", "train.checkpoint_every",
-      "train.log_every", "train.threads", "train.bf16", "data.input", "data.val_fraction", "out.dir"};
+      "train.log_every", "train.threads", "train.bf16", "data.input", "data.tokenizer",
+      "data.dir", "data.order", "data.val_fraction", "data.split_seed", "out.dir"};
   for (const auto& n : expected) EXPECT_TRUE(names.count(n)) << n;
   EXPECT_EQ(names.size(), expected.size());
 }

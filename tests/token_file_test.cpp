@@ -6,22 +6,28 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <nlohmann/json.hpp>
+#include <optional>
 #include <set>
 #include <sstream>
 #include <string>
 #include <vector>
 
 #include "data/loader.h"
+#include "data/prepare.h"
 #include "data/token_file.h"
+#include "data/tokenizer.h"
 #include "util/error.h"
 
 namespace fs = std::filesystem;
 using ::testing::AllOf;
+using ::testing::ElementsAre;
 using ::testing::HasSubstr;
 using namespace pipenag;
 
@@ -407,6 +413,18 @@ TEST_F(LoaderTest, SequentialBatchesMatchAHandComputation) {
   EXPECT_THAT(error_of([&] { L.batch(-1, in.data(), tg.data()); }), HasSubstr(path("split.bin")));
 }
 
+TEST_F(LoaderTest, KeepsWorkingWhenTheFileIsMoved) {
+  TokenFile f = make(50, 256, [](size_t i) { return static_cast<int32_t>(200 - i); });
+  const TokenLoader L(f, 2, 4, Order::Shuffled, 3, "train");
+  std::vector<int32_t> x0(8), y0(8), x1(8), y1(8);
+  L.batch(3, x0.data(), y0.data());
+  const TokenFile moved = std::move(f);  // the mapping moves with it, at the same address
+  L.batch(3, x1.data(), y1.data());
+  EXPECT_EQ(x0, x1);
+  EXPECT_EQ(y0, y1);
+  EXPECT_EQ(x1[0], moved[static_cast<size_t>(L.sequence_start(6))]);
+}
+
 TEST_F(LoaderTest, ExactlyOneSequenceFits) {
   const TokenFile f = make(5, 256, [](size_t i) { return static_cast<int32_t>(i * 3); });
   const TokenLoader L(f, 3, 4, Order::Shuffled, 9, "validation");
@@ -508,6 +526,284 @@ TEST_F(LoaderTest, SequenceLongerThanTheSplitIsAnError) {
               HasSubstr("sequence length 201 is longer than the train split (200 tokens)"));
   EXPECT_THAT(error_of([&] { TokenLoader(f, 0, 8, Order::Sequential, 0, "train"); }),
               HasSubstr(path("val.bin")));
+}
+
+// ------------------------------------------------------------------------------- prepare
+
+// Test doubles for the Tokenizer interface (data/tokenizer.h): one id per byte.
+class BytesTok : public Tokenizer {
+ public:
+  using Tokenizer::decode;
+  std::string name() const override { return "test-bytes"; }
+  int vocab_size() const override { return 256; }
+  std::vector<int32_t> encode(std::string_view text) const override {
+    std::vector<int32_t> ids;
+    for (unsigned char c : text) ids.push_back(c);
+    return ids;
+  }
+  std::string decode(const int32_t* ids, size_t n) const override {
+    std::string s;
+    for (size_t i = 0; i < n; ++i) s += static_cast<char>(ids[i]);
+    return s;
+  }
+  std::optional<int32_t> eot() const override { return std::nullopt; }
+};
+
+// Bytes plus an end-of-text id 256.
+class EotTok : public BytesTok {
+ public:
+  std::string name() const override { return "test-bytes-eot"; }
+  int vocab_size() const override { return 257; }
+  std::optional<int32_t> eot() const override { return 256; }
+};
+
+// Fails on documents containing "poison".
+class BrokenTok : public BytesTok {
+ public:
+  std::vector<int32_t> encode(std::string_view text) const override {
+    if (text.find("poison") != std::string_view::npos) throw Error("boom in the tokenizer");
+    return BytesTok::encode(text);
+  }
+};
+
+// Emits an id outside its own vocabulary.
+class WildTok : public BytesTok {
+ public:
+  std::vector<int32_t> encode(std::string_view text) const override {
+    std::vector<int32_t> ids = BytesTok::encode(text);
+    ids.push_back(300);
+    return ids;
+  }
+};
+
+std::vector<int32_t> bytes_of(const std::string& s) { return BytesTok().encode(s); }
+
+std::vector<int32_t> all_tokens(const std::string& file) {
+  const TokenFile f = TokenFile::open(file);
+  std::vector<int32_t> out(f.size());
+  f.copy(0, f.size(), out.data());
+  return out;
+}
+
+class PrepareTest : public TempDirTest {
+ protected:
+  // doc0.txt .. doc7.txt, distinct texts of different lengths, plus a file that is not .txt.
+  std::string corpus() {
+    const fs::path c = dir_ / "corpus";
+    fs::create_directories(c);
+    for (int d = 0; d < 8; ++d) spit(c / name(d), text(d));
+    spit(c / "readme.md", "not a document");
+    return c.string();
+  }
+  static std::string name(int d) { return "doc" + std::to_string(d) + ".txt"; }
+  static std::string text(int d) {
+    std::string t = "Document " + std::to_string(d) + ":";
+    for (int i = 0; i <= d; ++i) t += " words" + std::to_string(i * d);
+    return t + "\n";
+  }
+  std::vector<std::string> files_in(const std::string& d) const {
+    std::vector<std::string> names;
+    for (const auto& e : fs::directory_iterator(d)) names.push_back(e.path().filename());
+    std::sort(names.begin(), names.end());
+    return names;
+  }
+};
+
+// With 8 documents named doc<i>.txt, val_fraction 0.25 and seed 7, the seeded-hash rule (the
+// same as byte_token_splits in text_corpus.cpp) sends doc0 and doc5 to validation.
+TEST_F(PrepareTest, FolderCorpusSplitsByDocument) {
+  const std::string in = corpus(), out = path("out");
+  const PrepareStats st = prepare_corpus(in, BytesTok(), out, 0.25, 7);
+  EXPECT_EQ(st.documents, 8u);
+  EXPECT_EQ(st.train_docs, 6u);
+  EXPECT_EQ(st.val_docs, 2u);
+  EXPECT_FALSE(st.tail_split);
+  EXPECT_THAT(st.val_documents, ElementsAre("doc0.txt", "doc5.txt"));
+  std::vector<int32_t> want_train, want_val;
+  size_t total = 0;
+  for (int d = 0; d < 8; ++d) {
+    const std::vector<int32_t> b = bytes_of(text(d));
+    total += b.size();
+    auto& dst = (d == 0 || d == 5) ? want_val : want_train;
+    dst.insert(dst.end(), b.begin(), b.end());  // byte tokenizer: nothing between documents
+  }
+  EXPECT_EQ(all_tokens(out + "/train.bin"), want_train);
+  EXPECT_EQ(all_tokens(out + "/val.bin"), want_val);
+  EXPECT_EQ(st.train_tokens + st.val_tokens, total);
+  EXPECT_EQ(st.train_tokens, want_train.size());
+  EXPECT_EQ(TokenFile::open(out + "/val.bin").vocab_size(), 256);
+  EXPECT_EQ(files_in(out), (std::vector<std::string>{"meta.json", "train.bin", "val.bin"}));
+  EXPECT_EQ(st.train_path, out + "/train.bin");
+  // A loader over the prepared split works directly.
+  const TokenFile val = TokenFile::open(st.val_path);
+  const TokenLoader L(val, 1, 8, Order::Sequential, 0, "validation");
+  std::vector<int32_t> x(8), y(8);
+  L.batch(0, x.data(), y.data());
+  EXPECT_EQ(x, std::vector<int32_t>(want_val.begin(), want_val.begin() + 8));
+}
+
+TEST_F(PrepareTest, RealByteTokenizerMatchesTheDouble) {
+  const std::string in = corpus();
+  const auto byte = load_tokenizer("byte");
+  const PrepareStats st = prepare_corpus(in, *byte, path("real"), 0.25, 7);
+  prepare_corpus(in, BytesTok(), path("double"), 0.25, 7);
+  EXPECT_EQ(st.tokenizer, "byte");
+  EXPECT_EQ(st.vocab_size, 256);
+  EXPECT_EQ(slurp(path("real") + "/train.bin"), slurp(path("double") + "/train.bin"));
+  EXPECT_EQ(slurp(path("real") + "/val.bin"), slurp(path("double") + "/val.bin"));
+  EXPECT_EQ(nlohmann::json::parse(slurp(path("real") + "/meta.json")).at("tokenizer"), "byte");
+}
+
+TEST_F(PrepareTest, EndOfTextGoesBetweenDocuments) {
+  const std::string in = corpus(), out = path("out");
+  const PrepareStats st = prepare_corpus(in, EotTok(), out, 0.25, 7);
+  std::vector<int32_t> want_val = bytes_of(text(0));
+  want_val.push_back(256);
+  const std::vector<int32_t> d5 = bytes_of(text(5));
+  want_val.insert(want_val.end(), d5.begin(), d5.end());
+  EXPECT_EQ(all_tokens(out + "/val.bin"), want_val);
+  const std::vector<int32_t> train = all_tokens(out + "/train.bin");
+  EXPECT_EQ(std::count(train.begin(), train.end(), 256), 5);  // 6 documents, 5 separators
+  EXPECT_NE(train.back(), 256);
+  size_t total = 0;
+  for (int d = 0; d < 8; ++d) total += text(d).size();
+  EXPECT_EQ(st.train_tokens + st.val_tokens, total + (6 - 1) + (2 - 1));
+  EXPECT_EQ(TokenFile::open(out + "/train.bin").vocab_size(), 257);
+}
+
+TEST_F(PrepareTest, SplitIsDeterministicAndFollowsTheSeed) {
+  const std::string in = corpus();
+  prepare_corpus(in, EotTok(), path("a"), 0.25, 7);
+  prepare_corpus(in, EotTok(), path("b"), 0.25, 7);
+  for (const char* f : {"/train.bin", "/val.bin", "/meta.json"})
+    EXPECT_EQ(slurp(path("a") + f), slurp(path("b") + f)) << f;
+  const PrepareStats s8 = prepare_corpus(in, BytesTok(), path("c"), 0.25, 8);
+  EXPECT_THAT(s8.val_documents, ElementsAre("doc0.txt", "doc3.txt", "doc5.txt", "doc6.txt"));
+  const PrepareStats s42 = prepare_corpus(in, BytesTok(), path("d"), 0.25, 42);
+  EXPECT_THAT(s42.val_documents, ElementsAre("doc3.txt", "doc7.txt"));
+  // split_documents is the rule prepare uses.
+  std::vector<Document> docs;
+  for (int d = 0; d < 8; ++d) docs.push_back({name(d), text(d)});
+  const std::vector<bool> v = split_documents(docs, 0.25, 42);
+  EXPECT_EQ(v, (std::vector<bool>{false, false, false, true, false, false, false, true}));
+  // Never an empty side with two or more documents, whatever the fraction.
+  const std::vector<Document> two(docs.begin(), docs.begin() + 2);
+  for (double f : {0.001, 0.999})
+    for (uint64_t seed = 0; seed < 20; ++seed) {
+      const std::vector<bool> s = split_documents(two, f, seed);
+      EXPECT_NE(s[0], s[1]) << "fraction " << f << " seed " << seed;
+    }
+}
+
+TEST_F(PrepareTest, MetaJsonDescribesTheSplits) {
+  const std::string in = corpus(), out = path("out");
+  const PrepareStats st = prepare_corpus(in, EotTok(), out, 0.25, 7);
+  const auto meta = nlohmann::json::parse(slurp(out + "/meta.json"));
+  EXPECT_EQ(meta.at("format"), "pipenag-tokens");
+  EXPECT_EQ(meta.at("format_version"), 1);
+  EXPECT_EQ(meta.at("tokenizer"), "test-bytes-eot");
+  EXPECT_EQ(meta.at("vocab_size"), 257);
+  EXPECT_EQ(meta.at("eot"), 256);
+  EXPECT_EQ(meta.at("input"), in);
+  EXPECT_DOUBLE_EQ(meta.at("val_fraction").get<double>(), 0.25);
+  EXPECT_EQ(meta.at("split_seed").get<uint64_t>(), 7u);
+  EXPECT_EQ(meta.at("split"), "documents");
+  EXPECT_EQ(meta.at("documents"), 8);
+  EXPECT_EQ(meta.at("train").at("file"), "train.bin");
+  EXPECT_EQ(meta.at("train").at("documents"), 6);
+  EXPECT_EQ(meta.at("train").at("tokens").get<size_t>(), st.train_tokens);
+  EXPECT_EQ(meta.at("val").at("file"), "val.bin");
+  EXPECT_EQ(meta.at("val").at("documents"), 2);
+  EXPECT_EQ(meta.at("val").at("tokens").get<size_t>(), st.val_tokens);
+  char hex[17];
+  std::snprintf(hex, sizeof hex, "%016llx",
+                static_cast<unsigned long long>(TokenFile::open(out + "/val.bin").checksum()));
+  EXPECT_EQ(meta.at("val").at("checksum"), hex);
+  EXPECT_EQ(meta.at("val_documents"), nlohmann::json({"doc0.txt", "doc5.txt"}));
+  // Without an end-of-text token, "eot" is null.
+  prepare_corpus(in, BytesTok(), path("plain"), 0.25, 7);
+  EXPECT_TRUE(nlohmann::json::parse(slurp(path("plain") + "/meta.json")).at("eot").is_null());
+}
+
+TEST_F(PrepareTest, SingleFileHoldsOutItsTail) {
+  std::string t;
+  for (int i = 0; i < 1000; ++i) t += static_cast<char>('a' + (i * 7) % 26);
+  spit(path("one.txt"), t);
+  const PrepareStats st = prepare_corpus(path("one.txt"), EotTok(), path("out"), 0.1, 3);
+  EXPECT_TRUE(st.tail_split);
+  EXPECT_EQ(st.documents, 1u);
+  EXPECT_EQ(st.train_tokens, 900u);
+  EXPECT_EQ(st.val_tokens, 100u);
+  EXPECT_TRUE(st.val_documents.empty());
+  const std::vector<int32_t> all = bytes_of(t);
+  EXPECT_EQ(all_tokens(path("out") + "/train.bin"), std::vector<int32_t>(all.begin(), all.begin() + 900));
+  EXPECT_EQ(all_tokens(path("out") + "/val.bin"), std::vector<int32_t>(all.begin() + 900, all.end()));
+  const auto meta = nlohmann::json::parse(slurp(path("out") + "/meta.json"));
+  EXPECT_EQ(meta.at("split"), "tail");
+  EXPECT_EQ(meta.at("val").at("tokens"), 100);
+  EXPECT_TRUE(meta.at("val_documents").empty());
+  // A folder holding one .txt file is the same corpus.
+  fs::create_directories(dir_ / "single");
+  spit(dir_ / "single" / "one.txt", t);
+  prepare_corpus((dir_ / "single").string(), EotTok(), path("out2"), 0.1, 3);
+  EXPECT_EQ(slurp(path("out2") + "/val.bin"), slurp(path("out") + "/val.bin"));
+}
+
+TEST_F(PrepareTest, EmptyOrMissingCorpusIsAnError) {
+  fs::create_directories(dir_ / "none");
+  EXPECT_THAT(error_of([&] { prepare_corpus(path("none"), BytesTok(), path("out"), 0.1, 1); }),
+              AllOf(HasSubstr(path("none")), HasSubstr("no .txt files")));
+  fs::create_directories(dir_ / "blank");
+  spit(dir_ / "blank" / "a.txt", "");
+  spit(dir_ / "blank" / "b.txt", "");
+  EXPECT_THAT(error_of([&] { prepare_corpus(path("blank"), BytesTok(), path("out"), 0.1, 1); }),
+              AllOf(HasSubstr(path("blank")), HasSubstr("empty")));
+  EXPECT_THAT(error_of([&] { prepare_corpus(path("missing"), BytesTok(), path("out"), 0.1, 1); }),
+              HasSubstr(path("missing")));
+  EXPECT_FALSE(fs::exists(path("out")));
+}
+
+TEST_F(PrepareTest, ValFractionMustBeInsideZeroOne) {
+  const std::string in = corpus();
+  for (double f : {0.0, 1.0, -0.5, 1.5, std::nan("")})
+    EXPECT_THAT(error_of([&] { prepare_corpus(in, BytesTok(), path("out"), f, 1); }),
+                AllOf(HasSubstr(in), HasSubstr("val_fraction"), HasSubstr("outside (0, 1)")))
+        << f;
+  EXPECT_FALSE(fs::exists(path("out")));
+}
+
+TEST_F(PrepareTest, EmptySplitIsAnError) {
+  // A single document too short to hold out anything.
+  spit(path("tiny.txt"), "abc");
+  EXPECT_THAT(error_of([&] { prepare_corpus(path("tiny.txt"), BytesTok(), path("out"), 0.1, 1); }),
+              AllOf(HasSubstr(path("tiny.txt")), HasSubstr("empty validation split")));
+  // Validation documents (doc0, doc5 for seed 7) that are empty files.
+  const std::string in = corpus();
+  spit(fs::path(in) / "doc0.txt", "");
+  spit(fs::path(in) / "doc5.txt", "");
+  EXPECT_THAT(error_of([&] { prepare_corpus(in, EotTok(), path("out"), 0.25, 7); }),
+              AllOf(HasSubstr(in), HasSubstr("validation split (2 documents) has no tokens")));
+  EXPECT_FALSE(fs::exists(path("out")));
+}
+
+TEST_F(PrepareTest, TokenizerFailuresNameTheDocument) {
+  const std::string in = corpus();
+  spit(fs::path(in) / "doc3.txt", "some poison here");
+  EXPECT_THAT(error_of([&] { prepare_corpus(in, BrokenTok(), path("out"), 0.25, 7); }),
+              AllOf(HasSubstr(in + "/doc3.txt"), HasSubstr("boom in the tokenizer")));
+  EXPECT_THAT(error_of([&] { prepare_corpus(in, WildTok(), path("out"), 0.25, 7); }),
+              AllOf(HasSubstr(in + "/doc0.txt"), HasSubstr("produced id 300"),
+                    HasSubstr("vocabulary (size 256)")));
+  EXPECT_FALSE(fs::exists(path("out")));
+}
+
+TEST_F(PrepareTest, RerunReplacesTheOutputsWhole) {
+  const std::string in = corpus(), out = path("out");
+  prepare_corpus(in, BytesTok(), out, 0.25, 7);
+  const PrepareStats st = prepare_corpus(in, BytesTok(), out, 0.25, 42);
+  EXPECT_EQ(files_in(out), (std::vector<std::string>{"meta.json", "train.bin", "val.bin"}));
+  EXPECT_EQ(TokenFile::open(out + "/val.bin").size(), st.val_tokens);
+  EXPECT_EQ(nlohmann::json::parse(slurp(out + "/meta.json")).at("split_seed"), 42);
 }
 
 }  // namespace

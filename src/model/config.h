@@ -39,8 +39,12 @@ struct TrainConfig {
 };
 
 struct DataConfig {
-  std::string input;          // text file or folder of .txt files (empty: built-in corpus)
-  double val_fraction = 0.1;  // fraction of the corpus held out for validation
+  std::string input;          // text file or folder of .txt files, tokenised into <out.dir>/data
+  std::string tokenizer = "byte";  // byte | gpt2 | path to a tokenizer (see data/tokenizer.h)
+  std::string dir;            // a folder written by `pipenag prepare` (then input is not read)
+  std::string order = "sequential";  // training batch order: sequential | shuffled
+  double val_fraction = 0.1;  // fraction of the documents held out for validation
+  uint64_t split_seed = 0;    // seed of the document split
 };
 
 struct OutConfig {

@@ -43,8 +43,12 @@ const std::vector<ConfigKey> kKeys = {
     PIPENAG_CONFIG_KEY(train, log_every, "steps between plain log lines (when not on a terminal)"),
     PIPENAG_CONFIG_KEY(train, threads, "worker threads (0: all cores)"),
     PIPENAG_CONFIG_KEY(train, bf16, "bf16 matmul inputs with fp32 master weights"),
-    PIPENAG_CONFIG_KEY(data, input, "text file or folder of .txt files (empty: built-in corpus)"),
-    PIPENAG_CONFIG_KEY(data, val_fraction, "fraction of the corpus held out for validation"),
+    PIPENAG_CONFIG_KEY(data, input, "text file or folder of .txt files, tokenised into <out.dir>/data"),
+    PIPENAG_CONFIG_KEY(data, tokenizer, "byte | gpt2 | tokenizer folder or tokenizer.json (with data.input)"),
+    PIPENAG_CONFIG_KEY(data, dir, "folder made by `pipenag prepare` (overrides data.input)"),
+    PIPENAG_CONFIG_KEY(data, order, "training batch order: \"sequential\" or \"shuffled\""),
+    PIPENAG_CONFIG_KEY(data, val_fraction, "fraction of the documents held out for validation"),
+    PIPENAG_CONFIG_KEY(data, split_seed, "seed of the train/validation document split"),
     PIPENAG_CONFIG_KEY(out, dir, "output directory for checkpoints and logs"),
 };
 
@@ -432,6 +436,9 @@ void validate(const Config& cfg) {
   const DataConfig& d = cfg.data;
   if (d.val_fraction <= 0 || d.val_fraction >= 1)
     invalid("data.val_fraction must be in (0, 1), got " + format_double(d.val_fraction));
+  if (d.order != "sequential" && d.order != "shuffled")
+    invalid("data.order must be \"sequential\" or \"shuffled\", got \"" + d.order + "\"");
+  if (d.tokenizer.empty()) invalid("data.tokenizer must not be empty");
 
   if (cfg.out.dir.empty()) invalid("out.dir must not be empty");
 }

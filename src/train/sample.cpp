@@ -10,7 +10,9 @@
 
 #include "kernels/kernels.h"
 #include "pipeline/stage.h"
+#include "data/tokenizer.h"
 #include "train/checkpoint.h"
+#include "train/trainer.h"
 #include "util/error.h"
 
 namespace pipenag {
@@ -31,7 +33,12 @@ std::string sample_text(const std::string& checkpoint_dir, const SampleOptions& 
   if (opt.max_new_tokens < 0) throw Error("--tokens must be >= 0");
   Config cfg = read_checkpoint_config(checkpoint_dir);
   const ModelConfig& m = cfg.model;
-  if (m.vocab_size < 256) throw Error(checkpoint_dir + ": model vocabulary is smaller than 256 bytes");
+  const auto tok = load_tokenizer(tokenizer_spec(cfg));
+  if (m.vocab_size < tok->vocab_size())
+    throw Error(checkpoint_dir + ": model vocabulary (" + std::to_string(m.vocab_size) +
+                ") is smaller than the tokenizer's (" + std::to_string(tok->vocab_size()) + ")");
+  // Padding ids beyond the tokenizer's vocabulary are never sampled.
+  const int n_real = tok->vocab_size();
   // The whole model except the head runs as a stage; the head is applied to one row by hand.
   Stage stage(m, 0, m.n_layer + 2, 1, 1);
   load_checkpoint(checkpoint_dir, cfg, stage, nullptr, nullptr);
@@ -42,9 +49,8 @@ std::string sample_text(const std::string& checkpoint_dir, const SampleOptions& 
   const float* W = w + find_param(stage, m.tie_embeddings ? "transformer.wte.weight" : "lm_head.weight").offset;
   const float* bias = w + find_param(stage, "lm_head.bias").offset;
 
-  std::vector<int32_t> seq;
-  for (unsigned char c : opt.prompt) seq.push_back(c);
-  if (seq.empty()) seq.push_back('\n');
+  std::vector<int32_t> seq = tok->encode(opt.prompt);
+  if (seq.empty()) seq = tok->eot() ? std::vector<int32_t>{*tok->eot()} : tok->encode("\n");
   std::mt19937_64 rng(opt.seed);
   std::vector<int32_t> x(static_cast<size_t>(T)), y(static_cast<size_t>(T), -1);
   std::vector<float> hidden(static_cast<size_t>(C)), normed(static_cast<size_t>(C));
@@ -63,6 +69,7 @@ std::string sample_text(const std::string& checkpoint_dir, const SampleOptions& 
     float mean, rstd;
     kernels::layernorm_forward(normed.data(), &mean, &rstd, h, lnw, lnb, 1, C);
     kernels::linear_forward(logits.data(), normed.data(), W, bias, 1, C, V);
+    for (int v = n_real; v < V; ++v) logits[static_cast<size_t>(v)] = -INFINITY;
     int next;
     if (opt.temperature == 0) {
       next = static_cast<int>(std::max_element(logits.begin(), logits.end()) - logits.begin());
@@ -79,9 +86,8 @@ std::string sample_text(const std::string& checkpoint_dir, const SampleOptions& 
     }
     seq.push_back(next);
   }
-  std::string out;
-  for (int32_t t : seq) out.push_back(static_cast<char>(t < 256 ? t : '?'));
-  return out;
+  // The prompt as given, then the decoded continuation.
+  return tok->decode(seq.data(), seq.size());
 }
 
 }  // namespace pipenag

@@ -13,7 +13,10 @@
 #include <sstream>
 #include <thread>
 
-#include "data/text_corpus.h"
+#include "data/loader.h"
+#include "data/prepare.h"
+#include "data/token_file.h"
+#include "data/tokenizer.h"
 #include "io/atomic_file.h"
 #include "model/units.h"
 #include "optim/adamw.h"
@@ -65,6 +68,16 @@ void check_vocab(const ModelConfig& m, int tokenizer_vocab) {
                 std::to_string(tokenizer_vocab) + ")");
 }
 
+// Reads a prepared folder's meta.json (Error naming it when missing or damaged).
+nlohmann::json read_meta(const std::string& dir) {
+  const std::string path = dir + "/meta.json";
+  try {
+    return nlohmann::json::parse(read_file(path));
+  } catch (const nlohmann::json::exception& e) {
+    throw Error(path + ": not valid JSON (" + std::string(e.what()) + ")");
+  }
+}
+
 // Appends one JSON object per line; every line is flushed so a crash loses at most the line
 // being written.
 class MetricsLog {
@@ -110,22 +123,27 @@ double nan_guard(double loss, int64_t step) {
 }
 
 struct Data {
-  TokenSplits splits;
-  std::unique_ptr<BatchLoader> train, val;
+  std::string dir;  // folder with train.bin, val.bin, meta.json
+  TokenFile train_file, val_file;
+  std::unique_ptr<TokenLoader> train, val;
 };
 
 Data load_data(const Config& cfg) {
-  check_vocab(cfg.model, 256);
   Data d;
-  d.splits = byte_token_splits(read_documents(cfg.data.input), cfg.data.val_fraction, 0);
-  d.train = std::make_unique<BatchLoader>(&d.splits.train, cfg.train.batch_size,
-                                          cfg.model.block_size, cfg.data.input + ": training");
-  d.val = std::make_unique<BatchLoader>(&d.splits.val, cfg.train.batch_size, cfg.model.block_size,
-                                        cfg.data.input + ": validation");
+  d.dir = prepared_data_dir(cfg);
+  d.train_file = TokenFile::open(d.dir + "/train.bin");
+  d.val_file = TokenFile::open(d.dir + "/val.bin");
+  check_vocab(cfg.model, d.train_file.vocab_size());
+  check_vocab(cfg.model, d.val_file.vocab_size());
+  const Order order = cfg.data.order == "shuffled" ? Order::Shuffled : Order::Sequential;
+  d.train = std::make_unique<TokenLoader>(d.train_file, cfg.train.batch_size, cfg.model.block_size,
+                                          order, cfg.train.seed, "training");
+  d.val = std::make_unique<TokenLoader>(d.val_file, cfg.train.batch_size, cfg.model.block_size,
+                                        Order::Sequential, 0, "validation");
   return d;
 }
 
-double eval_loss(Stage& stage, const BatchLoader& val, int batches, std::vector<int32_t>& x,
+double eval_loss(Stage& stage, const TokenLoader& val, int batches, std::vector<int32_t>& x,
                  std::vector<int32_t>& y) {
   double sum = 0.0;
   int64_t count = 0;
@@ -141,6 +159,38 @@ double eval_loss(Stage& stage, const BatchLoader& val, int batches, std::vector<
 }
 
 }  // namespace
+
+std::string prepared_data_dir(const Config& cfg) {
+  if (!cfg.data.dir.empty()) return cfg.data.dir;
+  if (cfg.data.input.empty()) throw Error("data.input or data.dir must be set");
+  // data.input is tokenised once into <out.dir>/data and reused while input, tokenizer and
+  // split settings stay the same.
+  const std::string dir = cfg.out.dir + "/data";
+  const auto tok = load_tokenizer(cfg.data.tokenizer);
+  if (std::filesystem::exists(dir + "/meta.json") && std::filesystem::exists(dir + "/train.bin") &&
+      std::filesystem::exists(dir + "/val.bin")) {
+    try {
+      const nlohmann::json m = read_meta(dir);
+      if (m.value("input", "") == cfg.data.input && m.value("tokenizer", "") == tok->name() &&
+          m.value("val_fraction", -1.0) == cfg.data.val_fraction &&
+          m.value("split_seed", uint64_t{1} << 63) == cfg.data.split_seed)
+        return dir;
+    } catch (const Error&) {
+      // A damaged meta.json is rebuilt below.
+    }
+  }
+  make_dirs(dir);
+  prepare_corpus(cfg.data.input, *tok, dir, cfg.data.val_fraction, cfg.data.split_seed);
+  return dir;
+}
+
+std::string tokenizer_spec(const Config& cfg) {
+  if (cfg.data.dir.empty()) return cfg.data.tokenizer;
+  const nlohmann::json m = read_meta(cfg.data.dir);
+  if (!m.contains("tokenizer") || !m["tokenizer"].is_string())
+    throw Error(cfg.data.dir + "/meta.json: no tokenizer field");
+  return m["tokenizer"].get<std::string>();
+}
 
 TrainResult train(const Config& cfg, const TrainOptions& opt) {
   omp_set_num_threads(thread_count(cfg.train));
@@ -168,7 +218,7 @@ TrainResult train(const Config& cfg, const TrainOptions& opt) {
                   "model: %zu parameters, %d layers, d=%d, %d heads, context %d, vocab %d | data: "
                   "%zu train / %zu val tokens | %d threads",
                   stage.num_params(), cfg.model.n_layer, cfg.model.n_embd, cfg.model.n_head, T,
-                  cfg.model.vocab_size, data.splits.train.size(), data.splits.val.size(),
+                  cfg.model.vocab_size, data.train_file.size(), data.val_file.size(),
                   omp_get_max_threads());
     progress.message(buf);
     if (opt.resume) progress.message("resumed from " + ckpt_dir + " at step " + std::to_string(st.step));

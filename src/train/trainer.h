@@ -27,6 +27,12 @@ struct TrainResult {
 
 TrainResult train(const Config& cfg, const TrainOptions& opt);
 
+// The folder with train.bin / val.bin / meta.json for this config: data.dir, or <out.dir>/data,
+// prepared from data.input with data.tokenizer when missing or made with other settings.
+std::string prepared_data_dir(const Config& cfg);
+// The tokenizer spec the config's data was made with (for sampling).
+std::string tokenizer_spec(const Config& cfg);
+
 // Mean validation loss of a checkpoint on `batches` batches of the configured validation split.
 struct EvalResult {
   double loss = 0.0, ppl = 0.0;
