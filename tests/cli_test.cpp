@@ -214,6 +214,81 @@ TEST_F(Cli, InterruptSavesACheckpointThatResumes) {
   EXPECT_EQ(static_cast<int64_t>(metrics(out).size()), step + 2);
 }
 
+TEST_F(Cli, PrepareThenTrainOnTokenFilesWithShuffledOrderResumesExactly) {
+  const fs::path data = dir_ / "prepared";
+  const RunResult p = run("prepare --tokenizer byte --input " + (dir_ / "corpus").string() +
+                          " --out " + data.string() + " --val-fraction 0.2");
+  ASSERT_EQ(p.code, 0) << p.err;
+  EXPECT_THAT(p.out, HasSubstr("5 documents"));
+  for (const char* f : {"train.bin", "val.bin", "meta.json"}) EXPECT_TRUE(fs::exists(data / f)) << f;
+  const std::string common = "train -q " + cfg() + " --set data.dir=" + data.string() +
+                             " --set data.order=shuffled";
+  ASSERT_EQ(run(common + " --set out.dir=" + (dir_ / "full").string()).code, 0);
+  ASSERT_EQ(run(common + " --set out.dir=" + (dir_ / "split").string() + " --stop-at 3").code, 0);
+  ASSERT_EQ(run(common + " --set out.dir=" + (dir_ / "split").string() + " --resume").code, 0);
+  const auto full = metrics(dir_ / "full"), split = metrics(dir_ / "split");
+  ASSERT_EQ(full.size(), split.size());
+  for (size_t i = 0; i < full.size(); ++i)
+    if (full[i].contains("loss")) {
+      EXPECT_EQ(full[i]["loss"], split[i]["loss"]) << i;
+    }
+  // Shuffled batches differ from sequential ones.
+  ASSERT_EQ(run("train -q " + cfg() + " --set data.dir=" + data.string() + " --set out.dir=" +
+                (dir_ / "seq").string()).code, 0);
+  EXPECT_NE(metrics(dir_ / "seq")[0]["loss"], full[0]["loss"]);
+  // A damaged token file is refused with its name.
+  std::string bin = slurp(data / "train.bin");
+  bin[bin.size() - 1] ^= 0x01;
+  spit(data / "train.bin", bin);
+  expect_error(common + " --set out.dir=" + (dir_ / "bad").string(), "train.bin");
+  spit(data / "train.bin", "PNAG");
+  expect_error(common + " --set out.dir=" + (dir_ / "bad").string(), "train.bin");
+  expect_error("train " + cfg() + " --set data.dir=" + (dir_ / "nowhere").string(), "nowhere");
+  expect_error("train " + cfg() + " --set data.order=random", "data.order");
+}
+
+TEST_F(Cli, TokenizerCommands) {
+  spit(dir_ / "text.txt", "Hello world, it's a test.");
+  RunResult e = run("tokenizer encode --tokenizer byte < " + (dir_ / "text.txt").string());
+  ASSERT_EQ(e.code, 0) << e.err;
+  EXPECT_EQ(e.out, "72 101 108 108 111 32 119 111 114 108 100 44 32 105 116 39 115 32 97 32 116 101 115 116 46\n");
+  spit(dir_ / "ids.txt", e.out);
+  RunResult d = run("tokenizer decode --tokenizer byte < " + (dir_ / "ids.txt").string());
+  ASSERT_EQ(d.code, 0) << d.err;
+  EXPECT_EQ(d.out, "Hello world, it's a test.");
+  spit(dir_ / "bad_ids.txt", "72 x 9");
+  expect_error("tokenizer decode --tokenizer byte < " + (dir_ / "bad_ids.txt").string(), "'x' is not a token id");
+  spit(dir_ / "big_ids.txt", "72 256");
+  expect_error("tokenizer decode --tokenizer byte < " + (dir_ / "big_ids.txt").string(), "256");
+  expect_error("tokenizer encode --tokenizer " + (dir_ / "missing_tok").string() + " < " +
+                   (dir_ / "text.txt").string(), "missing_tok");
+
+  // Train a small BPE, then use it for encode/decode and for training.
+  const fs::path bpe = dir_ / "bpe";
+  const RunResult t = run("tokenizer train --vocab-size 300 --input " + (dir_ / "corpus").string() +
+                          " --out " + bpe.string());
+  ASSERT_EQ(t.code, 0) << t.err;
+  EXPECT_TRUE(fs::exists(bpe / "encoder.json"));
+  EXPECT_TRUE(fs::exists(bpe / "vocab.bpe"));
+  spit(dir_ / "words.txt", "the union of the people");
+  e = run("tokenizer encode --tokenizer " + bpe.string() + " < " + (dir_ / "words.txt").string());
+  ASSERT_EQ(e.code, 0) << e.err;
+  const auto n_ids = std::count(e.out.begin(), e.out.end(), ' ') + 1;
+  EXPECT_LT(n_ids, 23);  // fewer tokens than bytes
+  spit(dir_ / "ids.txt", e.out);
+  d = run("tokenizer decode --tokenizer " + bpe.string() + " < " + (dir_ / "ids.txt").string());
+  EXPECT_EQ(d.out, "the union of the people");
+  const RunResult tr = run("train -q " + cfg() + " --set data.tokenizer=" + bpe.string() +
+                           " --set model.vocab_size=300 --set out.dir=" + (dir_ / "bpeout").string());
+  ASSERT_EQ(tr.code, 0) << tr.err;
+  const RunResult s = run("sample --checkpoint " + (dir_ / "bpeout" / "checkpoint").string() +
+                          " --prompt 'the union' --tokens 5");
+  ASSERT_EQ(s.code, 0) << s.err;
+  EXPECT_THAT(s.out, StartsWith("the union"));
+  expect_error("tokenizer train --vocab-size 10 --input " + (dir_ / "corpus").string() + " --out " +
+                   (dir_ / "bpe2").string(), "vocab");
+}
+
 TEST_F(Cli, HelpListsCommandsAndKeys) {
   const RunResult r = run("--help");
   EXPECT_EQ(r.code, 0);
