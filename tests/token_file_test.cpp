@@ -610,7 +610,7 @@ class PrepareTest : public TempDirTest {
 };
 
 // With 8 documents named doc<i>.txt, val_fraction 0.25 and seed 7, the seeded-hash rule (the
-// same as byte_token_splits in text_corpus.cpp) sends doc0 and doc5 to validation.
+// the document split rule) sends doc0 and doc5 to validation.
 TEST_F(PrepareTest, FolderCorpusSplitsByDocument) {
   const std::string in = corpus(), out = path("out");
   const PrepareStats st = prepare_corpus(in, BytesTok(), out, 0.25, 7);

@@ -17,7 +17,7 @@ namespace pipenag {
 namespace fs = std::filesystem;
 namespace {
 
-// Must stay identical to the hash of byte_token_splits (text_corpus.cpp).
+// The split rule is part of the data format: changing it changes every prepared corpus.
 uint64_t mix(uint64_t x) {
   x += 0x9e3779b97f4a7c15ULL;
   x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;

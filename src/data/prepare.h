@@ -15,7 +15,7 @@ namespace pipenag {
 // The train/validation split by document: document d goes to validation when a seeded hash of
 // its name falls below val_fraction; with two or more documents at least one lands on each side
 // (the last moves to validation when none did, the first to training when all did). The same
-// rule as byte_token_splits (text_corpus.h), so a corpus splits the same way in both.
+// rule that earlier versions used for in-memory byte corpora, so a corpus splits the same way.
 // One document: all false (prepare holds out the tail of its tokens instead).
 std::vector<bool> split_documents(const std::vector<Document>& docs, double val_fraction,
                                   uint64_t seed);
