@@ -24,6 +24,9 @@ using json = nlohmann::json;
 namespace {
 
 constexpr int32_t kNoRank = INT32_MAX;
+// Pieces up to this many bytes use the quadratic merge loop on arrays (fastest for the short
+// pieces of ordinary text); longer ones the n log n heap loop.
+constexpr size_t kShortPiece = 64;
 constexpr const char* kEot = "<|endoftext|>";
 
 // Control characters (a newline from a damaged file, say) would break the one-line rule.
@@ -53,16 +56,18 @@ struct BpeSpec {
 };
 
 // Per-thread cache of recently encoded pieces: bytes -> span of `ids`. Owned by one tokenizer at
-// a time (its serial); another tokenizer encoding on the same thread starts it afresh.
+// a time (its serial); another tokenizer encoding on the same thread starts it afresh, and so
+// does a full cache (bounded memory: kMaxEntries pieces of up to kMaxPieceBytes, kMaxIds ids).
 struct PieceCache {
   static constexpr size_t kMaxEntries = 1 << 16;
+  static constexpr size_t kMaxIds = 1 << 20;
   static constexpr size_t kMaxPieceBytes = 128;
   uint64_t owner = 0;
-  BytesMap<std::pair<uint32_t, uint32_t>> map{kMaxEntries};
+  BytesMap<std::pair<uint32_t, uint32_t>> map;
   std::vector<int32_t> ids;
   void reset(uint64_t serial) {
     owner = serial;
-    if (map.size()) map.clear();
+    map = BytesMap<std::pair<uint32_t, uint32_t>>();  // fresh and small: cheap to alternate
     ids.clear();
   }
 };
@@ -163,7 +168,7 @@ BpeTokenizer::BpeTokenizer(BpeSpec spec)
 }
 
 void BpeTokenizer::bpe(std::string_view piece, std::vector<int32_t>& out) const {
-  if (piece.size() <= 256)
+  if (piece.size() <= kShortPiece)
     bpe_short(piece, out);
   else
     bpe_long(piece, out);
@@ -171,7 +176,7 @@ void BpeTokenizer::bpe(std::string_view piece, std::vector<int32_t>& out) const 
 
 // Arrays of symbols and of the rank of each adjacent pair; quadratic, fast for short pieces.
 void BpeTokenizer::bpe_short(std::string_view piece, std::vector<int32_t>& out) const {
-  int32_t syms[256], rk[256];
+  int32_t syms[kShortPiece], rk[kShortPiece];
   int n = static_cast<int>(piece.size());
   for (int i = 0; i < n; ++i) syms[i] = byte_id_[static_cast<unsigned char>(piece[i])];
   for (int i = 0; i + 1 < n; ++i) rk[i] = rank(syms[i], syms[i + 1]);
@@ -265,7 +270,8 @@ std::vector<int32_t> BpeTokenizer::encode(std::string_view text) const {
     }
     const size_t before = out.size();
     bpe(piece, out);
-    if (cache.map.size() >= PieceCache::kMaxEntries) cache.reset(serial_);
+    if (cache.map.size() >= PieceCache::kMaxEntries || cache.ids.size() >= PieceCache::kMaxIds)
+      cache.reset(serial_);
     const auto off = static_cast<uint32_t>(cache.ids.size());
     cache.ids.insert(cache.ids.end(), out.begin() + static_cast<std::ptrdiff_t>(before), out.end());
     cache.map.insert(piece, h, {off, static_cast<uint32_t>(out.size() - before)});
