@@ -16,29 +16,16 @@
 #include "io/atomic_file.h"
 #include "train/config_file.h"
 #include "util/error.h"
+#include "test_util.h"
 
 namespace fs = std::filesystem;
 using ::testing::AllOf;
 using ::testing::HasSubstr;
 using ::testing::Not;
 using namespace pipenag;
+using namespace pipenag::testutil;
 
 namespace {
-
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    const std::string msg = e.what();
-    EXPECT_EQ(msg.find('\n'), std::string::npos) << "message is not one line: " << msg;
-    return msg;
-  } catch (const std::exception& e) {
-    ADD_FAILURE() << "expected pipenag::Error, got std::exception: " << e.what();
-    return {};
-  }
-  ADD_FAILURE() << "expected pipenag::Error, nothing was thrown";
-  return {};
-}
 
 Config parse(const std::string& text, const std::vector<std::string>& overrides = {}) {
   return parse_config(text, "config.toml", overrides);

@@ -18,31 +18,16 @@
 #include "io/atomic_file.h"
 #include "io/safetensors.h"
 #include "util/error.h"
+#include "test_util.h"
 
 namespace fs = std::filesystem;
 using ::testing::AllOf;
 using ::testing::ElementsAre;
 using ::testing::HasSubstr;
 using namespace pipenag;
+using namespace pipenag::testutil;
 
 namespace {
-
-// The message of the pipenag::Error that f throws; a test failure if it throws nothing or
-// something else, or if the message is not a single line.
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    const std::string msg = e.what();
-    EXPECT_EQ(msg.find('\n'), std::string::npos) << "message is not one line: " << msg;
-    return msg;
-  } catch (const std::exception& e) {
-    ADD_FAILURE() << "expected pipenag::Error, got std::exception: " << e.what();
-    return {};
-  }
-  ADD_FAILURE() << "expected pipenag::Error, nothing was thrown";
-  return {};
-}
 
 class TempDirTest : public ::testing::Test {
  protected:

@@ -5,10 +5,13 @@
 #include <unistd.h>
 
 #include <cstdlib>
+#include <functional>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
 #include <string>
+
+#include "util/error.h"
 
 namespace pipenag::testutil {
 
@@ -29,6 +32,23 @@ inline std::string slurp(const fs::path& p) {
 inline void spit(const fs::path& p, const std::string& s) {
   std::ofstream f(p, std::ios::binary);
   f << s;
+}
+
+// The message of the pipenag::Error that f throws; a test failure if it throws nothing or
+// something else, or if the message is not a single line.
+inline std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    const std::string msg = e.what();
+    EXPECT_EQ(msg.find('\n'), std::string::npos) << "message is not one line: " << msg;
+    return msg;
+  } catch (const std::exception& e) {
+    ADD_FAILURE() << "expected pipenag::Error, got std::exception: " << e.what();
+    return {};
+  }
+  ADD_FAILURE() << "expected pipenag::Error, nothing was thrown";
+  return {};
 }
 
 // Runs a shell command line, capturing stdout and stderr through files in `scratch`.

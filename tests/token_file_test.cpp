@@ -24,43 +24,16 @@
 #include "data/token_file.h"
 #include "data/tokenizer.h"
 #include "util/error.h"
+#include "test_util.h"
 
 namespace fs = std::filesystem;
 using ::testing::AllOf;
 using ::testing::ElementsAre;
 using ::testing::HasSubstr;
 using namespace pipenag;
+using namespace pipenag::testutil;
 
 namespace {
-
-// The message of the pipenag::Error that f throws; a test failure if it throws nothing or
-// something else, or if the message is not a single line.
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    const std::string msg = e.what();
-    EXPECT_EQ(msg.find('\n'), std::string::npos) << "message is not one line: " << msg;
-    return msg;
-  } catch (const std::exception& e) {
-    ADD_FAILURE() << "expected pipenag::Error, got std::exception: " << e.what();
-    return {};
-  }
-  ADD_FAILURE() << "expected pipenag::Error, nothing was thrown";
-  return {};
-}
-
-std::string slurp(const fs::path& p) {
-  std::ifstream f(p, std::ios::binary);
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
-}
-
-void spit(const fs::path& p, const std::string& s) {
-  std::ofstream f(p, std::ios::binary);
-  f << s;
-}
 
 void put32(std::string& b, size_t at, uint32_t v) { std::memcpy(&b[at], &v, 4); }
 void put64(std::string& b, size_t at, uint64_t v) { std::memcpy(&b[at], &v, 8); }

