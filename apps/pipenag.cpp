@@ -18,7 +18,6 @@
 #include "train/checkpoint.h"
 #include "train/config_file.h"
 #include "train/sample.h"
-#include "io/atomic_file.h"
 #include "train/trainer.h"
 #include "util/error.h"
 
@@ -191,7 +190,6 @@ int main(int argc, char** argv) {
       std::printf("%s\n", sample_text(sample_ckpt, sopt).c_str());
     } else if (*prepare) {
       const auto tok = load_tokenizer(prep_tok);
-      make_dirs(prep_out);
       const PrepareStats st = prepare_corpus(prep_input, *tok, prep_out, prep_val, prep_seed);
       std::printf("prepared %s with %s (vocab %d): %zu documents | train %zu documents, %zu tokens | "
                   "val %zu documents, %zu tokens | %s\n",

@@ -179,7 +179,6 @@ std::string prepared_data_dir(const Config& cfg) {
       // A damaged meta.json is rebuilt below.
     }
   }
-  make_dirs(dir);
   prepare_corpus(cfg.data.input, *tok, dir, cfg.data.val_fraction, cfg.data.split_seed);
   return dir;
 }
