@@ -4,17 +4,11 @@
 #include <bit>
 
 #include "util/error.h"
+#include "util/hash.h"
 
 namespace pipenag {
 namespace {
 
-// splitmix64's output function (with its increment).
-uint64_t mix(uint64_t x) {
-  x += 0x9e3779b97f4a7c15ULL;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
-  return x ^ (x >> 31);
-}
 
 constexpr int kRounds = 6;
 
@@ -37,15 +31,15 @@ uint64_t shuffle_index(uint64_t pos, uint64_t n, uint64_t seed, uint64_t epoch) 
   const int half = bits / 2;
   const uint64_t mask = (uint64_t{1} << half) - 1;
   uint64_t keys[kRounds];
-  const uint64_t base = mix(mix(seed) ^ epoch);
-  for (int r = 0; r < kRounds; ++r) keys[r] = mix(base + static_cast<uint64_t>(r));
+  const uint64_t base = splitmix64(splitmix64(seed) ^ epoch);
+  for (int r = 0; r < kRounds; ++r) keys[r] = splitmix64(base + static_cast<uint64_t>(r));
   uint64_t x = pos;
   // Cycle walking: the Feistel network permutes [0, 2^bits); re-applying it until the value
   // lands in [0, n) restricts it to a permutation of [0, n) (fewer than 4 steps on average).
   do {
     uint64_t left = x >> half, right = x & mask;
     for (int r = 0; r < kRounds; ++r) {
-      const uint64_t next = left ^ (mix(right ^ keys[r]) & mask);
+      const uint64_t next = left ^ (splitmix64(right ^ keys[r]) & mask);
       left = right;
       right = next;
     }

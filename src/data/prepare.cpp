@@ -12,18 +12,12 @@
 #include "data/token_file.h"
 #include "io/atomic_file.h"
 #include "util/error.h"
+#include "util/hash.h"
 
 namespace pipenag {
 namespace fs = std::filesystem;
 namespace {
 
-// The split rule is part of the data format: changing it changes every prepared corpus.
-uint64_t mix(uint64_t x) {
-  x += 0x9e3779b97f4a7c15ULL;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
-  return x ^ (x >> 31);
-}
 
 std::string hex64(uint64_t v) {
   char buf[17];
@@ -45,7 +39,7 @@ std::vector<bool> split_documents(const std::vector<Document>& docs, double val_
   if (docs.size() < 2) return is_val;
   for (size_t d = 0; d < docs.size(); ++d) {
     uint64_t h = seed;
-    for (unsigned char c : docs[d].name) h = mix(h ^ c);
+    for (unsigned char c : docs[d].name) h = splitmix64(h ^ c);
     is_val[d] = static_cast<double>(h >> 11) * 0x1.0p-53 < val_fraction;
   }
   if (std::none_of(is_val.begin(), is_val.end(), [](bool v) { return v; })) is_val.back() = true;
