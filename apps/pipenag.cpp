@@ -13,7 +13,10 @@
 #include "data/prepare.h"
 #include "data/text_corpus.h"
 #include "data/tokenizer.h"
+#include "io/atomic_file.h"
 #include "model/units.h"
+#include "pipeline/schedule.h"
+#include "pipeline/timeline_svg.h"
 #include "train/bench.h"
 #include "train/checkpoint.h"
 #include "train/config_file.h"
@@ -102,6 +105,7 @@ int main(int argc, char** argv) {
   train_cmd->add_flag("--resume", topt.resume, "Continue from <out.dir>/checkpoint");
   train_cmd->add_option("--stop-at", topt.stop_at, "Stop with a checkpoint after this many updates");
   train_cmd->add_flag("--quiet,-q", topt.quiet, "No progress output");
+  train_cmd->add_option("--trace", topt.trace, "Write a Chrome trace-event JSON of every stage's forwards, backwards, steps and waits (Perfetto, chrome://tracing)");
   train_cmd->footer("Configuration keys (file sections or --set section.key=value):\n" +
                 describe_config_keys());
 
@@ -150,6 +154,26 @@ int main(int argc, char** argv) {
   tok_train->add_option("--vocab-size", tok_vocab, "Vocabulary size (256 bytes + merges + <|endoftext|>)")->capture_default_str();
   tok_train->add_option("--input", tok_input, "Text file or folder of .txt files")->required();
   tok_train->add_option("--out", tok_out, "Folder for encoder.json and vocab.bpe")->required();
+
+  // schedule
+  auto* sched_cmd = app.add_subcommand("schedule", "Print a pipeline schedule: per-stage actions, delays and timeline");
+  int sched_stages = 4, sched_mb = 4;
+  int64_t sched_updates = 0;
+  std::string sched_kind = "async-1f1b", sched_svg;
+  sched_cmd->add_option("--stages", sched_stages, "Pipeline stages P")->capture_default_str();
+  sched_cmd->add_option("--kind", sched_kind, "gpipe | 1f1b | async-1f1b")->capture_default_str();
+  sched_cmd->add_option("--microbatches", sched_mb, "Micro-batches per update (gpipe, 1f1b)")->capture_default_str();
+  sched_cmd->add_option("--updates", sched_updates, "Updates to lay out (default: 2 for gpipe/1f1b, 2P for async-1f1b)");
+  sched_cmd->add_option("--svg", sched_svg, "Also draw the timeline as an SVG picture here");
+
+  // trace
+  auto* trace_cmd = app.add_subcommand("trace", "Draw a trace written by `train --trace` as an SVG timeline, with per-stage utilisation");
+  std::string trace_in, trace_svg;
+  double trace_from = 0, trace_to = -1;
+  trace_cmd->add_option("trace", trace_in, "Trace JSON file")->required();
+  trace_cmd->add_option("--svg", trace_svg, "Output SVG file")->required();
+  trace_cmd->add_option("--from", trace_from, "Start of the window, seconds")->capture_default_str();
+  trace_cmd->add_option("--to", trace_to, "End of the window, seconds (default: the end)");
 
   // bench
   auto* bench = app.add_subcommand("bench", "Speed of one training step: tokens/s, GFLOP/s, MFU");
@@ -215,6 +239,23 @@ int main(int argc, char** argv) {
       train_bpe(texts, tok_vocab, tok_out);
       std::printf("trained a %d-token BPE on %zu documents: %s/encoder.json, %s/vocab.bpe\n",
                   tok_vocab, texts.size(), tok_out.c_str(), tok_out.c_str());
+    } else if (*sched_cmd) {
+      const ScheduleKind kind = parse_schedule_kind(sched_kind);
+      if (sched_stages < 1) throw Error("--stages must be >= 1, got " + std::to_string(sched_stages));
+      if (sched_mb < 1) throw Error("--microbatches must be >= 1, got " + std::to_string(sched_mb));
+      if (sched_updates < 0) throw Error("--updates must be >= 1");
+      const int64_t updates = sched_updates > 0 ? sched_updates
+                              : kind == ScheduleKind::Async1F1B ? 2 * sched_stages : 2;
+      const Schedule s = make_schedule(kind, sched_stages, sched_mb, updates);
+      validate_schedule(s);
+      std::printf("%s", describe_schedule(s).c_str());
+      if (!sched_svg.empty()) {
+        write_file_atomic(sched_svg, schedule_svg(s));
+        std::printf("timeline picture: %s\n", sched_svg.c_str());
+      }
+    } else if (*trace_cmd) {
+      const TraceSummary t = render_trace(trace_in, trace_svg, trace_from, trace_to);
+      std::printf("%s", t.text.c_str());
     } else if (*bench) {
       bopt.vocabs.clear();
       for (const auto& v : split_commas(vocabs)) bopt.vocabs.push_back(parse_int(v, "--vocab"));

@@ -57,7 +57,9 @@ TEST(ConfigKeys, TableCoversEveryField) {
       "train.weight_decay", "train.beta1", "train.beta2", "train.eps", "train.clip",
       "train.seed", "train.eval_every", "train.eval_batches", "train.checkpoint_every",
       "train.log_every", "train.threads", "train.bf16", "data.input", "data.tokenizer",
-      "data.dir", "data.order", "data.val_fraction", "data.split_seed", "out.dir"};
+      "data.dir", "data.order", "data.val_fraction", "data.split_seed", "pipeline.stages",
+      "pipeline.partition", "pipeline.schedule", "pipeline.microbatches", "pipeline.engine",
+      "pipeline.stash", "pipeline.recompute", "out.dir"};
   for (const auto& n : expected) EXPECT_TRUE(names.count(n)) << n;
   EXPECT_EQ(names.size(), expected.size());
 }
@@ -282,6 +284,12 @@ Config unusual_config() {
   c.train.bf16 = true;
   c.data.input = "dir with \"quotes\", \\backslash\\, tab\t, newline\n, \x7f and \xc3\xa9";
   c.data.val_fraction = 1e-10;
+  c.pipeline.partition = {3};
+  c.pipeline.schedule = "1f1b";
+  c.pipeline.microbatches = 7;
+  c.pipeline.engine = "threads";
+  c.pipeline.stash = false;
+  c.pipeline.recompute = true;
   c.out.dir = "out/[x] # not a comment";
   return c;
 }
@@ -304,6 +312,8 @@ TEST(RoundTrip, UnusualValuesThroughToml) {
   EXPECT_EQ(back.out.dir, c.out.dir);
   EXPECT_EQ(back.model.seed, c.model.seed);
   EXPECT_EQ(back.train.steps, 123456789012);
+  EXPECT_EQ(back.pipeline.partition, std::vector<int>{3});
+  EXPECT_EQ(back.pipeline.microbatches, 7);
 }
 
 TEST(RoundTrip, TomlListsEveryKeyOnce) {
@@ -329,7 +339,7 @@ TEST(RoundTrip, Json) {
   EXPECT_EQ(j["train"]["steps"].get<int64_t>(), 123456789012);
   EXPECT_EQ(j["data"]["input"], c.data.input);
   EXPECT_EQ(j["out"]["dir"], c.out.dir);
-  EXPECT_EQ(j.size(), 4u);
+  EXPECT_EQ(j.size(), 5u);
   std::size_t keys = 0;
   for (const auto& [sec, tbl] : j.items()) keys += tbl.size();
   EXPECT_EQ(keys, config_keys().size());
@@ -359,8 +369,8 @@ TEST(BadConfig, UnknownKeyInWrongSectionSuggestsHome) {
 TEST(BadConfig, UnknownSection) {
   EXPECT_EQ(parse_error("[modle]\nn_layer = 2\n"),
             "config.toml: unknown section '[modle]' (did you mean '[model]'?)");
-  EXPECT_THAT(parse_error("[pipeline]\nstages = 2\n"),
-              AllOf(HasSubstr("unknown section '[pipeline]'"), Not(HasSubstr("did you mean"))));
+  EXPECT_THAT(parse_error("[cluster]\nranks = 2\n"),
+              AllOf(HasSubstr("unknown section '[cluster]'"), Not(HasSubstr("did you mean"))));
 }
 
 TEST(BadConfig, KeyOutsideAnySection) {
@@ -438,7 +448,7 @@ TEST(BadOverride, UnknownKey) {
             "--set 'model.n_embed=64': unknown key 'model.n_embed' (did you mean 'model.n_embd'?)");
   EXPECT_THAT(override_error("n_layer=2"),
               HasSubstr("unknown key 'n_layer' (did you mean 'model.n_layer'?)"));
-  EXPECT_THAT(override_error("pipeline.stages=2"), HasSubstr("unknown key 'pipeline.stages'"));
+  EXPECT_THAT(override_error("cluster.ranks=2"), HasSubstr("unknown key 'cluster.ranks'"));
 }
 
 TEST(BadOverride, WrongType) {

@@ -2,6 +2,7 @@
 #pragma once
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace pipenag {
 
@@ -47,6 +48,17 @@ struct DataConfig {
   uint64_t split_seed = 0;    // seed of the document split
 };
 
+// How the model is cut into stages and how micro-batches flow through them (src/pipeline/).
+struct PipelineConfig {
+  int stages = 1;                   // P
+  std::vector<int> partition;       // blocks per stage; empty: the default (see partition_units)
+  std::string schedule = "gpipe";   // gpipe | 1f1b | async-1f1b
+  int microbatches = 1;             // M micro-batches of train.batch_size per update (sync)
+  std::string engine = "sequential";  // sequential | threads
+  bool stash = true;                // async: backward under the weights its forward used
+  bool recompute = false;           // keep only stage inputs; recompute the forward in backward
+};
+
 struct OutConfig {
   std::string dir = "out";
 };
@@ -55,6 +67,7 @@ struct Config {
   ModelConfig model;
   TrainConfig train;
   DataConfig data;
+  PipelineConfig pipeline;
   OutConfig out;
 };
 

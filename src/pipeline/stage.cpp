@@ -9,8 +9,9 @@
 
 namespace pipenag {
 
-Stage::Stage(const ModelConfig& cfg, int first_unit, int last_unit, int B, int slots)
-    : cfg_(cfg), first_(first_unit), last_(last_unit), B_(B) {
+Stage::Stage(const ModelConfig& cfg, int first_unit, int last_unit, int B, int slots,
+             bool recompute)
+    : cfg_(cfg), first_(first_unit), last_(last_unit), B_(B), recompute_(recompute) {
   auto all = make_gpt_units(cfg);
   all_units_ = all.size();
   if (first_unit < 0 || last_unit > static_cast<int>(all.size()) || first_unit >= last_unit)
@@ -37,15 +38,19 @@ Stage::Stage(const ModelConfig& cfg, int first_unit, int last_unit, int B, int s
   const size_t nb = boundary_floats();
   dbuf_.assign(nb, 0.0f);
   din_.assign(nb, 0.0f);
-  slots_.resize(static_cast<size_t>(slots));
-  for (auto& s : slots_) {
-    if (!has_embedding()) s.input.assign(nb, 0.0f);
+  // Without recompute every slot holds everything; with it, a slot keeps its input and the
+  // head's saved input gradient, and one shared set (work_) holds the rest.
+  const auto alloc = [&](Slot& s, bool input, bool body, bool head) {
+    if (input && !has_embedding()) s.input.assign(nb, 0.0f);
     for (size_t i = 0; i < units_.size(); ++i) {
-      s.acts.emplace_back(units_[i]->act_floats(B), 0.0f);
-      const bool is_head = has_head() && i + 1 == units_.size();
-      s.outs.emplace_back(is_head ? 0 : nb, 0.0f);
+      const bool mine = is_head(i) ? head : body;
+      s.acts.emplace_back(mine ? units_[i]->act_floats(B) : 0, 0.0f);
+      s.outs.emplace_back(body && !is_head(i) ? nb : 0, 0.0f);
     }
-  }
+  };
+  slots_.resize(static_cast<size_t>(slots));
+  for (auto& s : slots_) alloc(s, true, !recompute, true);
+  if (recompute) alloc(work_, false, true, false);
 }
 
 size_t Stage::boundary_floats() const {
@@ -64,9 +69,22 @@ void Stage::init_params(uint64_t seed) {
 
 void Stage::zero_grads() { std::fill(grads_.begin(), grads_.end(), 0.0f); }
 
-const float* Stage::unit_input(const Slot& s, int i) const {
-  if (i == 0) return has_embedding() ? nullptr : s.input.data();
-  return s.outs[static_cast<size_t>(i - 1)].data();
+const float* Stage::unit_input(const Slot& saved, const Slot& a, int i) const {
+  if (i == 0) return has_embedding() ? nullptr : saved.input.data();
+  return a.outs[static_cast<size_t>(i - 1)].data();
+}
+
+float* Stage::acts_of(Slot& saved, Slot& a, size_t i) const {
+  return (recompute_ && !is_head(i) ? a : saved).acts[i].data();
+}
+
+void Stage::run_forward(Slot& saved, Slot& a, const float* w, UnitContext& ctx, bool skip_head) {
+  for (size_t i = 0; i < units_.size(); ++i) {
+    if (skip_head && is_head(i)) continue;
+    const size_t off = unit_offset_[i];
+    units_[i]->forward(w + off, grads_.data() + off, unit_input(saved, a, static_cast<int>(i)),
+                       a.outs[i].data(), acts_of(saved, a, i), scratch_.data(), ctx);
+  }
 }
 
 void Stage::bind_tied(UnitContext& ctx, const float* w, float* g) const {
@@ -86,19 +104,16 @@ void Stage::forward(int slot, const float* input, const MicroBatch& mb, UnitCont
   ctx.targets = mb.targets;
   bind_tied(ctx, w, grads_.data());
   ctx.bf16 = bf16_.get();
-  for (size_t i = 0; i < units_.size(); ++i) {
-    const size_t off = unit_offset_[i];
-    units_[i]->forward(w + off, grads_.data() + off, unit_input(s, static_cast<int>(i)),
-                       s.outs[i].data(), s.acts[i].data(), scratch_.data(), ctx);
-  }
+  run_forward(s, recompute_ ? work_ : s, w, ctx, false);
 }
 
 const float* Stage::output(int slot) const {
-  return slots_.at(static_cast<size_t>(slot)).outs.back().data();
+  return (recompute_ ? work_ : slots_.at(static_cast<size_t>(slot))).outs.back().data();
 }
 
 const float* Stage::unit_output(int slot, int i) const {
-  return slots_.at(static_cast<size_t>(slot)).outs.at(static_cast<size_t>(i)).data();
+  const Slot& a = recompute_ ? work_ : slots_.at(static_cast<size_t>(slot));
+  return a.outs.at(static_cast<size_t>(i)).data();
 }
 
 void Stage::backward(int slot, const float* dout, const MicroBatch& mb, UnitContext& ctx,
@@ -110,6 +125,15 @@ void Stage::backward(int slot, const float* dout, const MicroBatch& mb, UnitCont
   ctx.targets = mb.targets;
   bind_tied(ctx, w, grads_.data());
   ctx.bf16 = bf16_.get();
+  Slot& a = recompute_ ? work_ : s;
+  if (recompute_) {
+    // The head's gradient was already taken in the forward; rerunning it would count it twice.
+    const double loss_sum = ctx.loss_sum;
+    const int64_t loss_count = ctx.loss_count;
+    run_forward(s, a, w, ctx, true);
+    ctx.loss_sum = loss_sum;
+    ctx.loss_count = loss_count;
+  }
   const size_t nb = boundary_floats();
   // Ping-pong between two boundary buffers: the gradient of unit i's output becomes the
   // gradient of unit i-1's output.
@@ -121,9 +145,9 @@ void Stage::backward(int slot, const float* dout, const MicroBatch& mb, UnitCont
     const size_t off = unit_offset_[static_cast<size_t>(i)];
     float* g_in = (i == 0 && has_embedding()) ? nullptr : bufs[which];
     if (g_in) std::memset(g_in, 0, nb * sizeof(float));
-    units_[static_cast<size_t>(i)]->backward(w + off, grads_.data() + off, unit_input(s, i),
-                                             g_out, g_in, s.acts[static_cast<size_t>(i)].data(),
-                                             scratch_.data(), ctx);
+    const auto ui = static_cast<size_t>(i);
+    units_[ui]->backward(w + off, grads_.data() + off, unit_input(s, a, i), g_out, g_in,
+                         acts_of(s, a, ui), scratch_.data(), ctx);
     g_out = g_in;
     which ^= 1;
   }
@@ -131,11 +155,13 @@ void Stage::backward(int slot, const float* dout, const MicroBatch& mb, UnitCont
 
 size_t Stage::activation_bytes() const {
   size_t n = 0;
-  for (const auto& s : slots_) {
+  const auto count = [&](const Slot& s) {
     n += s.input.size();
     for (const auto& o : s.outs) n += o.size();
     for (const auto& a : s.acts) n += a.size();
-  }
+  };
+  for (const auto& s : slots_) count(s);
+  count(work_);
   return n * sizeof(float);
 }
 

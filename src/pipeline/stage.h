@@ -23,8 +23,11 @@ struct MicroBatch {
 class Stage {
  public:
   // Units [first_unit, last_unit) of make_gpt_units(cfg); B sequences per micro-batch; `slots`
-  // micro-batches can be in flight at once.
-  Stage(const ModelConfig& cfg, int first_unit, int last_unit, int B, int slots);
+  // micro-batches can be in flight at once. With `recompute`, a slot keeps only the stage input
+  // (and the head's saved input gradient); backward() reruns the forward into one shared set of
+  // activation buffers first.
+  Stage(const ModelConfig& cfg, int first_unit, int last_unit, int B, int slots,
+        bool recompute = false);
 
   const ModelConfig& model_config() const { return cfg_; }
   // bf16 matrix products (fp32 master weights and accumulation).
@@ -34,6 +37,7 @@ class Stage {
   int num_slots() const { return static_cast<int>(slots_.size()); }
   bool has_embedding() const { return first_ == 0; }
   bool has_head() const { return last_ == static_cast<int>(all_units_); }
+  bool recompute() const { return recompute_; }
   int first_unit() const { return first_; }
   int last_unit() const { return last_; }
 
@@ -55,17 +59,21 @@ class Stage {
   // ctx.grad_scale before. `w` selects the weights to use (default: params()).
   void forward(int slot, const float* input, const MicroBatch& mb, UnitContext& ctx,
                const float* w = nullptr);
-  // The output activation of the slot's last forward (not on the last stage).
+  // The output activation of the slot's last forward (not on the last stage). With recompute,
+  // valid only until the next forward or backward.
   const float* output(int slot) const;
-  // Output of the stage's i-th unit (0-based within the stage) from the slot's last forward.
+  // Output of the stage's i-th unit (0-based within the stage) from the slot's last forward
+  // (with recompute: from the stage's last forward or backward).
   const float* unit_output(int slot, int i) const;
   // Backward of the slot: `dout` is the gradient of this stage's output (ignored on the last
   // stage). Gradients accumulate into grads(); the input gradient is returned by input_grad().
+  // With recompute, the forward is rerun under `w` first (except the head, whose gradient was
+  // computed in the forward).
   void backward(int slot, const float* dout, const MicroBatch& mb, UnitContext& ctx,
                 const float* w = nullptr);
   const float* input_grad() const { return din_.data(); }
 
-  // Bytes: weights, saved activations (all slots), scratch.
+  // Bytes of saved activations: all slots, plus the shared recompute buffers.
   size_t activation_bytes() const;
   size_t scratch_bytes() const { return scratch_.size() * sizeof(float); }
 
@@ -75,7 +83,11 @@ class Stage {
     std::vector<std::vector<float>> outs;   // output of each unit except the head
     std::vector<std::vector<float>> acts;   // saved activations of each unit
   };
-  const float* unit_input(const Slot& s, int i) const;
+  const float* unit_input(const Slot& saved, const Slot& a, int i) const;
+  bool is_head(size_t i) const { return has_head() && i + 1 == units_.size(); }
+  // Where unit i's saved activations live: the slot's own, or (recompute) the shared set.
+  float* acts_of(Slot& saved, Slot& a, size_t i) const;
+  void run_forward(Slot& saved, Slot& a, const float* w, UnitContext& ctx, bool skip_head);
   void bind_tied(UnitContext& ctx, const float* w, float* g) const;
 
   ModelConfig cfg_;
@@ -88,6 +100,8 @@ class Stage {
   size_t n_params_ = 0;
   std::vector<float> params_, grads_, scratch_, dbuf_, din_;
   std::vector<Slot> slots_;
+  bool recompute_ = false;
+  Slot work_;  // recompute: the activations of the micro-batch being computed
 };
 
 }  // namespace pipenag

@@ -7,10 +7,12 @@
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
+#include <memory>
 #include <nlohmann/json.hpp>
 
 #include "io/atomic_file.h"
 #include "io/safetensors.h"
+#include "pipeline/partition.h"
 #include "train/config_file.h"
 #include "util/error.h"
 
@@ -48,8 +50,10 @@ std::string model_config_difference(const ModelConfig& there, const ModelConfig&
   return "";
 }
 
-void save_checkpoint(const std::string& dir, const Config& cfg, const Stage& stage,
-                     const AdamW* opt, const TrainState& st) {
+void save_checkpoint(const std::string& dir, const Config& cfg, const std::vector<StagePart>& parts,
+                     const TrainState& st) {
+  if (parts.empty()) throw Error("save_checkpoint: no stages");
+  const AdamW* opt = parts[0].opt;
   const fs::path final_dir(dir);
   const std::string tmp = dir + ".tmp." + std::to_string(::getpid());
   std::error_code ec;
@@ -59,17 +63,21 @@ void save_checkpoint(const std::string& dir, const Config& cfg, const Stage& sta
     SafetensorsWriter model;
     model.set_metadata("format", "pipenag");
     model.set_metadata("step", std::to_string(st.step));
-    for (const auto& p : stage.param_table())
-      model.add(p.name, Dtype::F32, p.shape, stage.params() + p.offset);
+    for (const auto& part : parts)
+      for (const auto& p : part.stage->param_table())
+        model.add(p.name, Dtype::F32, p.shape, part.stage->params() + p.offset);
     model.write(tmp + "/model.safetensors");
 
     if (opt) {
       SafetensorsWriter o;
       o.set_metadata("optimizer", "adamw");
       o.set_metadata("step", std::to_string(opt->step_count()));
-      for (const auto& p : stage.param_table()) {
-        o.add("exp_avg." + p.name, Dtype::F32, p.shape, opt->m().data() + p.offset);
-        o.add("exp_avg_sq." + p.name, Dtype::F32, p.shape, opt->v().data() + p.offset);
+      for (const auto& part : parts) {
+        if (!part.opt) throw Error("save_checkpoint: a stage without its optimizer");
+        for (const auto& p : part.stage->param_table()) {
+          o.add("exp_avg." + p.name, Dtype::F32, p.shape, part.opt->m().data() + p.offset);
+          o.add("exp_avg_sq." + p.name, Dtype::F32, p.shape, part.opt->v().data() + p.offset);
+        }
       }
       o.write(tmp + "/optimizer.safetensors");
     }
@@ -81,6 +89,9 @@ void save_checkpoint(const std::string& dir, const Config& cfg, const Stage& sta
     state["data_position"] = st.data_position;
     state["tokens"] = st.tokens;
     state["optimizer_step"] = opt ? opt->step_count() : 0;
+    state["pipeline"] = {{"stages", cfg.pipeline.stages},
+                         {"blocks_per_stage", blocks_per_stage(cfg.model, cfg.pipeline)},
+                         {"schedule", cfg.pipeline.schedule}};
     state["config"] = config_to_json(cfg);
   state["config_toml"] = config_to_toml(cfg);
     write_file_atomic(tmp + "/state.json", state.dump(2) + "\n");
@@ -133,22 +144,51 @@ Config read_checkpoint_config(const std::string& dir) {
   return parse_config(j["config_toml"].get<std::string>(), dir + "/state.json", {});
 }
 
-void load_checkpoint(const std::string& dir, const Config& cfg, Stage& stage, AdamW* opt,
+void load_checkpoint(const std::string& dir, const Config& cfg, const std::vector<StagePart>& parts,
                      TrainState* st) {
   const nlohmann::json j = read_state(dir);
   const Config there = read_checkpoint_config(dir);
   const std::string d = model_config_difference(there.model, cfg.model);
   if (!d.empty())
     throw Error(dir + ": checkpoint is for a different architecture: " + d);
-  const SafetensorsFile model = SafetensorsFile::open(dir + "/model.safetensors");
-  for (const auto& p : stage.param_table()) copy_f32(model, p.name, p.shape, stage.params() + p.offset);
-  if (opt) {
-    const SafetensorsFile o = SafetensorsFile::open(dir + "/optimizer.safetensors");
-    for (const auto& p : stage.param_table()) {
-      copy_f32(o, "exp_avg." + p.name, p.shape, opt->m().data() + p.offset);
-      copy_f32(o, "exp_avg_sq." + p.name, p.shape, opt->v().data() + p.offset);
+  if (st) {
+    // Resuming needs the same cut: optimizer state, delays and stashes are per stage.
+    std::vector<int> there_blocks{there.model.n_layer};
+    int there_stages = 1;
+    if (j.contains("pipeline")) {
+      try {
+        there_stages = j["pipeline"].at("stages").get<int>();
+        there_blocks = j["pipeline"].at("blocks_per_stage").get<std::vector<int>>();
+      } catch (const nlohmann::json::exception& e) {
+        throw Error(dir + "/state.json: bad pipeline field (" + std::string(e.what()) + ")");
+      }
     }
-    opt->set_step_count(j.value("optimizer_step", int64_t{0}));
+    const std::vector<int> here_blocks = blocks_per_stage(cfg.model, cfg.pipeline);
+    if (there_stages != cfg.pipeline.stages || there_blocks != here_blocks) {
+      const auto list = [](const std::vector<int>& v) {
+        std::string s = "[";
+        for (size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + std::to_string(v[i]);
+        return s + "]";
+      };
+      throw Error(dir + ": checkpoint has a different stage layout: " + std::to_string(there_stages) +
+                  " stages with blocks " + list(there_blocks) + " there, " +
+                  std::to_string(cfg.pipeline.stages) + " with " + list(here_blocks) +
+                  " here (resume with the same pipeline.stages and pipeline.partition)");
+    }
+  }
+  const SafetensorsFile model = SafetensorsFile::open(dir + "/model.safetensors");
+  for (const auto& part : parts)
+    for (const auto& p : part.stage->param_table())
+      copy_f32(model, p.name, p.shape, part.stage->params() + p.offset);
+  std::unique_ptr<SafetensorsFile> o;
+  for (const auto& part : parts) {
+    if (!part.opt) continue;
+    if (!o) o = std::make_unique<SafetensorsFile>(SafetensorsFile::open(dir + "/optimizer.safetensors"));
+    for (const auto& p : part.stage->param_table()) {
+      copy_f32(*o, "exp_avg." + p.name, p.shape, part.opt->m().data() + p.offset);
+      copy_f32(*o, "exp_avg_sq." + p.name, p.shape, part.opt->v().data() + p.offset);
+    }
+    part.opt->set_step_count(j.value("optimizer_step", int64_t{0}));
   }
   if (st) {
     try {

@@ -49,6 +49,13 @@ const std::vector<ConfigKey> kKeys = {
     PIPENAG_CONFIG_KEY(data, order, "training batch order: \"sequential\" or \"shuffled\""),
     PIPENAG_CONFIG_KEY(data, val_fraction, "fraction of the documents held out for validation"),
     PIPENAG_CONFIG_KEY(data, split_seed, "seed of the train/validation document split"),
+    PIPENAG_CONFIG_KEY(pipeline, stages, "pipeline stages P (each needs at least one block)"),
+    PIPENAG_CONFIG_KEY(pipeline, partition, "blocks per stage, e.g. [1, 2, 2, 1] (empty: even split, ends lighter)"),
+    PIPENAG_CONFIG_KEY(pipeline, schedule, "\"gpipe\", \"1f1b\" or \"async-1f1b\""),
+    PIPENAG_CONFIG_KEY(pipeline, microbatches, "micro-batches of train.batch_size per update (gpipe, 1f1b)"),
+    PIPENAG_CONFIG_KEY(pipeline, engine, "\"sequential\" (one thread) or \"threads\" (one thread per stage)"),
+    PIPENAG_CONFIG_KEY(pipeline, stash, "async-1f1b: backward under the weights its forward used"),
+    PIPENAG_CONFIG_KEY(pipeline, recompute, "keep only stage inputs and recompute the forward in the backward"),
     PIPENAG_CONFIG_KEY(out, dir, "output directory for checkpoints and logs"),
 };
 
@@ -231,6 +238,19 @@ void assign(const ConfigKey& k, Config& cfg, const toml::node& node, std::string
           const auto* v = node.as_string();
           if (!v) throw wrong_type("a string");
           *p = v->get();
+        } else if constexpr (std::is_same_v<T, std::vector<int>>) {
+          const auto* arr = node.as_array();
+          if (!arr) throw wrong_type("an array of integers");
+          std::vector<int> out;
+          for (const auto& e : *arr) {
+            const auto* v = e.as_integer();
+            if (!v) throw Error(prefix + " must be an array of integers, found " +
+                                std::string(toml_type_name(e)));
+            if (v->get() < std::numeric_limits<int>::min() || v->get() > std::numeric_limits<int>::max())
+              throw Error(prefix + ": " + std::to_string(v->get()) + " is out of range");
+            out.push_back(static_cast<int>(v->get()));
+          }
+          *p = std::move(out);
         } else {
           static_assert(std::is_same_v<T, Activation>);
           const auto* v = node.as_string();
@@ -280,7 +300,11 @@ std::string value_text(const ConfigKey& k, const Config& cfg) {
         else if constexpr (std::is_same_v<T, bool>) return *p ? "true" : "false";
         else if constexpr (std::is_same_v<T, std::string>) return toml_quote(*p);
         else if constexpr (std::is_same_v<T, Activation>) return toml_quote(activation_name(*p));
-        else return std::to_string(*p);
+        else if constexpr (std::is_same_v<T, std::vector<int>>) {
+          std::string s = "[";
+          for (size_t i = 0; i < p->size(); ++i) s += (i ? ", " : "") + std::to_string((*p)[i]);
+          return s + "]";
+        } else return std::to_string(*p);
       },
       field_of(k, cfg));
 }
@@ -343,6 +367,7 @@ std::string_view ConfigKey::type_name() const {
         else if constexpr (std::is_same_v<T, bool>) return "boolean";
         else if constexpr (std::is_same_v<T, std::string>) return "string";
         else if constexpr (std::is_same_v<T, Activation>) return "relu|gelu";
+        else if constexpr (std::is_same_v<T, std::vector<int>>) return "integer array";
         else return "integer";
       },
       field(probe));
@@ -439,6 +464,39 @@ void validate(const Config& cfg) {
   if (d.order != "sequential" && d.order != "shuffled")
     invalid("data.order must be \"sequential\" or \"shuffled\", got \"" + d.order + "\"");
   if (d.tokenizer.empty()) invalid("data.tokenizer must not be empty");
+
+  const PipelineConfig& p = cfg.pipeline;
+  check_min("pipeline.stages", p.stages, 1);
+  check_min("pipeline.microbatches", p.microbatches, 1);
+  if (p.stages > m.n_layer)
+    invalid("pipeline.stages (" + std::to_string(p.stages) + ") is more than model.n_layer (" +
+            std::to_string(m.n_layer) + "): every stage needs at least one block");
+  if (!p.partition.empty()) {
+    if (static_cast<int>(p.partition.size()) != p.stages)
+      invalid("pipeline.partition has " + std::to_string(p.partition.size()) +
+              " entries for pipeline.stages = " + std::to_string(p.stages));
+    int sum = 0;
+    for (int b : p.partition) {
+      if (b < 1) invalid("pipeline.partition: every stage needs at least one block, got " +
+                         std::to_string(b));
+      sum += b;
+    }
+    if (sum != m.n_layer)
+      invalid("pipeline.partition sums to " + std::to_string(sum) + " blocks, model.n_layer is " +
+              std::to_string(m.n_layer));
+  }
+  if (p.schedule != "gpipe" && p.schedule != "1f1b" && p.schedule != "async-1f1b")
+    invalid("pipeline.schedule must be \"gpipe\", \"1f1b\" or \"async-1f1b\", got \"" +
+            one_line(p.schedule) + "\"");
+  if (p.schedule == "async-1f1b" && p.microbatches != 1)
+    invalid("pipeline.microbatches must be 1 with async-1f1b (every micro-batch is an update), got " +
+            std::to_string(p.microbatches));
+  if (p.engine == "mpi")
+    invalid("pipeline.engine \"mpi\" is not available in this build (use \"sequential\" or \"threads\")");
+  if (p.engine != "sequential" && p.engine != "threads")
+    invalid("pipeline.engine must be \"sequential\" or \"threads\", got \"" + one_line(p.engine) + "\"");
+  if (m.tie_embeddings && p.stages > 1)
+    invalid("model.tie_embeddings needs the embedding and the head on one stage (pipeline.stages = 1)");
 
   if (cfg.out.dir.empty()) invalid("out.dir must not be empty");
 }

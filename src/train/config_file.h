@@ -15,7 +15,8 @@ namespace pipenag {
 
 // Points at one field inside a Config; the alternative held decides how the value is parsed.
 using ConfigField =
-    std::variant<int*, int64_t*, uint64_t*, double*, bool*, std::string*, Activation*>;
+    std::variant<int*, int64_t*, uint64_t*, double*, bool*, std::string*, Activation*,
+                 std::vector<int>*>;
 
 struct ConfigKey {
   std::string_view section;      // "model"

@@ -27,16 +27,18 @@ std::string Progress::eta(int64_t step) const {
   return format_duration(el / static_cast<double>(done) * static_cast<double>(total_ - step));
 }
 
-void Progress::step(int64_t step, double loss, double tokens_per_s, double lr) {
+void Progress::step(int64_t step, double loss, double tokens_per_s, double lr, double utilization) {
   if (quiet_) return;
   if (first_step_ < 0) {
     first_step_ = step - 1;
     start_ = std::chrono::steady_clock::now();
   }
-  char buf[200];
-  std::snprintf(buf, sizeof buf, "step %lld/%lld | loss %.4f | lr %.2e | %.0f tok/s | ETA %s",
+  char util[32] = "";
+  if (utilization >= 0) std::snprintf(util, sizeof util, " | util %.1f%%", 100.0 * utilization);
+  char buf[240];
+  std::snprintf(buf, sizeof buf, "step %lld/%lld | loss %.4f | lr %.2e | %.0f tok/s%s | ETA %s",
                 static_cast<long long>(step), static_cast<long long>(total_), loss, lr,
-                tokens_per_s, eta(step).c_str());
+                tokens_per_s, util, eta(step).c_str());
   if (tty_) {
     std::fprintf(stderr, "\r\033[K%s", buf);
     line_open_ = true;

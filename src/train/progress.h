@@ -9,7 +9,8 @@ namespace pipenag {
 class Progress {
  public:
   Progress(int64_t total_steps, int64_t log_every, bool quiet);
-  void step(int64_t step, double loss, double tokens_per_s, double lr);
+  // utilization < 0: not shown (a single stage).
+  void step(int64_t step, double loss, double tokens_per_s, double lr, double utilization = -1);
   void message(const std::string& line);  // a line of its own (eval results, checkpoints)
   void finish();
 

@@ -22,7 +22,11 @@
 #include "optim/adamw.h"
 #include "optim/grad_clip.h"
 #include "optim/lr_schedule.h"
+#include "pipeline/engine.h"
+#include "pipeline/partition.h"
+#include "pipeline/schedule.h"
 #include "pipeline/stage.h"
+#include "pipeline/stage_worker.h"
 #include "train/checkpoint.h"
 #include "train/progress.h"
 #include "util/error.h"
@@ -143,19 +147,31 @@ Data load_data(const Config& cfg) {
   return d;
 }
 
-double eval_loss(Stage& stage, const TokenLoader& val, int batches, std::vector<int32_t>& x,
-                 std::vector<int32_t>& y) {
+// Mean validation loss, the batch passed through the stages in order (no micro-batch in flight).
+double eval_loss(const std::vector<Stage*>& stages, const TokenLoader& val, int batches,
+                 std::vector<int32_t>& x, std::vector<int32_t>& y) {
   double sum = 0.0;
   int64_t count = 0;
   for (int i = 0; i < batches; ++i) {
     val.batch(i, x.data(), y.data());
     UnitContext ctx;
     ctx.training = false;
-    stage.forward(0, nullptr, MicroBatch{x.data(), y.data()}, ctx);
+    const float* in = nullptr;
+    for (Stage* s : stages) {
+      s->forward(0, in, MicroBatch{x.data(), y.data()}, ctx);
+      if (!s->has_head()) in = s->output(0);
+    }
     sum += ctx.loss_sum;
     count += ctx.loss_count;
   }
   return count ? sum / static_cast<double>(count) : 0.0;
+}
+
+double eval_loss(const std::vector<StageWorker*>& workers, const TokenLoader& val, int batches,
+                 std::vector<int32_t>& x, std::vector<int32_t>& y) {
+  std::vector<Stage*> stages;
+  for (auto* w : workers) stages.push_back(&w->stage());
+  return eval_loss(stages, val, batches, x, y);
 }
 
 }  // namespace
@@ -191,94 +207,213 @@ std::string tokenizer_spec(const Config& cfg) {
   return m["tokenizer"].get<std::string>();
 }
 
+std::vector<std::unique_ptr<StageWorker>> make_workers(const Config& cfg) {
+  const ScheduleKind kind = parse_schedule_kind(cfg.pipeline.schedule);
+  const int P = cfg.pipeline.stages;
+  const int M = kind == ScheduleKind::Async1F1B ? 1 : cfg.pipeline.microbatches;
+  // In-flight micro-batches per stage in the steady state of the schedule.
+  const std::vector<int> slots = max_in_flight(make_schedule(kind, P, M, 2 * P + 2));
+  const std::vector<int> bounds = unit_boundaries(cfg.model, cfg.pipeline);
+  const float grad_scale =
+      1.0f / static_cast<float>(static_cast<size_t>(M) * cfg.train.batch_size * cfg.model.block_size);
+  std::vector<std::unique_ptr<StageWorker>> workers;
+  for (int k = 0; k < P; ++k) {
+    StageOptions o;
+    o.index = k;
+    o.first_unit = bounds[static_cast<size_t>(k)];
+    o.last_unit = bounds[static_cast<size_t>(k) + 1];
+    o.slots = slots[static_cast<size_t>(k)];
+    o.delay = stage_delay(kind, P, k);
+    o.stash = cfg.pipeline.stash;
+    o.recompute = cfg.pipeline.recompute;
+    o.grad_scale = grad_scale;
+    workers.push_back(std::make_unique<StageWorker>(cfg, o));
+  }
+  return workers;
+}
+
+static std::string format_bytes(double b) {
+  char buf[32];
+  if (b >= 1 << 30) std::snprintf(buf, sizeof buf, "%.2f GiB", b / (1 << 30));
+  else std::snprintf(buf, sizeof buf, "%.1f MiB", b / (1 << 20));
+  return buf;
+}
+
 TrainResult train(const Config& cfg, const TrainOptions& opt) {
-  omp_set_num_threads(thread_count(cfg.train));
+  const int cores = thread_count(cfg.train);
+  const EngineKind engine = parse_engine_kind(cfg.pipeline.engine);
+  const ScheduleKind kind = parse_schedule_kind(cfg.pipeline.schedule);
+  const int P = cfg.pipeline.stages;
+  const int M = kind == ScheduleKind::Async1F1B ? 1 : cfg.pipeline.microbatches;
+  // Thread budget: stage threads times BLAS threads per stage never exceeds the cores (each
+  // stage thread gets at least one).
+  const int blas_threads = engine == EngineKind::Threads ? std::max(1, cores / P) : cores;
+  omp_set_num_threads(cores);
   const int B = cfg.train.batch_size, T = cfg.model.block_size;
+  const int64_t tokens_per_update = static_cast<int64_t>(M) * B * T;
   Data data = load_data(cfg);
 
-  const int n_units = cfg.model.n_layer + 2;
-  Stage stage(cfg.model, 0, n_units, B, 1);
-  stage.set_bf16(cfg.train.bf16);
-  AdamWHyper hyper{cfg.train.beta1, cfg.train.beta2, cfg.train.eps, cfg.train.weight_decay};
-  AdamW adamw(stage.num_params(), hyper);
+  auto workers = make_workers(cfg);
+  std::vector<StageWorker*> ws;
+  std::vector<StagePart> parts;
+  size_t n_params = 0;
+  for (auto& w : workers) {
+    ws.push_back(w.get());
+    parts.push_back({&w->stage(), &w->optimizer()});
+    n_params += w->stage().num_params();
+  }
   TrainState st;
   make_dirs(cfg.out.dir);
   const std::string ckpt_dir = cfg.out.dir + "/checkpoint";
   if (opt.resume) {
-    load_checkpoint(ckpt_dir, cfg, stage, &adamw, &st);
+    load_checkpoint(ckpt_dir, cfg, parts, &st);
   } else {
-    stage.init_params(cfg.model.seed);
+    for (auto* w : ws) w->stage().init_params(cfg.model.seed);
   }
+  for (auto* w : ws) w->set_version(st.step);
   MetricsLog metrics(cfg.out.dir + "/metrics.jsonl", opt.resume, st.step);
   Progress progress(cfg.train.steps, cfg.train.log_every, opt.quiet);
   {
-    char buf[256];
+    char buf[320];
     std::snprintf(buf, sizeof buf,
                   "model: %zu parameters, %d layers, d=%d, %d heads, context %d, vocab %d | data: "
                   "%zu train / %zu val tokens | %d threads",
-                  stage.num_params(), cfg.model.n_layer, cfg.model.n_embd, cfg.model.n_head, T,
-                  cfg.model.vocab_size, data.train_file.size(), data.val_file.size(),
-                  omp_get_max_threads());
+                  n_params, cfg.model.n_layer, cfg.model.n_embd, cfg.model.n_head, T,
+                  cfg.model.vocab_size, data.train_file.size(), data.val_file.size(), cores);
     progress.message(buf);
+    if (P > 1 || M > 1) {
+      std::string blocks;
+      for (int b : blocks_per_stage(cfg.model, cfg.pipeline))
+        blocks += (blocks.empty() ? "" : ",") + std::to_string(b);
+      std::snprintf(buf, sizeof buf,
+                    "pipeline: %d stages (blocks %s), %s, %d micro-batch%s of %d per update, "
+                    "engine %s (%d BLAS thread%s per stage), stash %s, recompute %s",
+                    P, blocks.c_str(), cfg.pipeline.schedule.c_str(), M, M == 1 ? "" : "es", B,
+                    std::string(engine_name(engine)).c_str(),
+                    engine == EngineKind::Threads ? blas_threads : cores,
+                    (engine == EngineKind::Threads ? blas_threads : cores) == 1 ? "" : "s",
+                    cfg.pipeline.stash ? "on" : "off", cfg.pipeline.recompute ? "on" : "off");
+      progress.message(buf);
+    }
     if (opt.resume) progress.message("resumed from " + ckpt_dir + " at step " + std::to_string(st.step));
   }
 
   std::vector<int32_t> x(static_cast<size_t>(B) * T), y(static_cast<size_t>(B) * T);
-  const float grad_scale = 1.0f / static_cast<float>(static_cast<size_t>(B) * T);
   TrainResult res;
   StopSignals signals;
   const int64_t end = opt.stop_at >= 0 ? std::min(opt.stop_at, cfg.train.steps) : cfg.train.steps;
   const auto run_start = std::chrono::steady_clock::now();
   int64_t run_tokens = 0;
   int64_t last_eval_step = -1;
+  double last_util = -1;
+  std::vector<TraceEvent> trace;
+  auto write_trace = [&] {
+    if (!opt.trace.empty()) write_file_atomic(opt.trace, trace_json(trace, P));
+  };
   auto save = [&] {
-    save_checkpoint(ckpt_dir, cfg, stage, &adamw, st);
+    save_checkpoint(ckpt_dir, cfg, parts, st);
     res.checkpoint = ckpt_dir;
   };
   auto evaluate = [&] {
-    const double vl = eval_loss(stage, *data.val, cfg.train.eval_batches, x, y);
+    const double vl = eval_loss(ws, *data.val, cfg.train.eval_batches, x, y);
     res.val_loss = vl;
     res.val_ppl = std::exp(vl);
     last_eval_step = st.step;
-    metrics.write({{"step", st.step}, {"tokens", st.tokens}, {"val_loss", vl}, {"val_ppl", res.val_ppl}});
+    nlohmann::json j = {{"step", st.step}, {"tokens", st.tokens}, {"val_loss", vl}, {"val_ppl", res.val_ppl}};
+    if (last_util >= 0) j["utilization"] = last_util;
+    metrics.write(j);
     char buf[128];
     std::snprintf(buf, sizeof buf, "step %lld: val loss %.4f, val ppl %.2f",
                   static_cast<long long>(st.step), vl, res.val_ppl);
     progress.message(buf);
   };
 
+  // Training runs in segments between drain points (evaluations, checkpoints, the end): within
+  // one, the schedule flows without a flush (async-1f1b) or flushes every update (gpipe, 1f1b).
+  bool memory_reported = false;
   while (st.step < end) {
-    const auto t0 = std::chrono::steady_clock::now();
-    data.train->batch(st.data_position, x.data(), y.data());
-    stage.zero_grads();
-    UnitContext ctx;
-    ctx.training = true;
-    ctx.grad_scale = grad_scale;
-    const MicroBatch mb{x.data(), y.data()};
-    stage.forward(0, nullptr, mb, ctx);
-    stage.backward(0, nullptr, mb, ctx);
-    const double loss = nan_guard(ctx.loss_sum / static_cast<double>(ctx.loss_count), st.step);
-    const double norm = std::sqrt(sum_squares(stage.grads(), stage.num_params()));
-    const double lr = lr_at(st.step, cfg.train.lr, cfg.train.warmup_steps, cfg.train.steps,
-                            cfg.train.min_lr_ratio);
-    adamw.step(stage.params(), stage.grads(), lr, clip_scale(norm, cfg.train.clip));
-    st.step += 1;
-    st.data_position += 1;
-    st.tokens += static_cast<int64_t>(B) * T;
-    run_tokens += static_cast<int64_t>(B) * T;
-    const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    const double tps = static_cast<double>(B) * T / dt;
-    res.last_loss = loss;
-    metrics.write({{"step", st.step}, {"tokens", st.tokens}, {"loss", loss}, {"lr", lr},
-                   {"grad_norm", norm}, {"tokens_per_s", tps}});
-    progress.step(st.step, loss, tps, lr);
+    int64_t seg_end = end;
+    for (int64_t every : {cfg.train.eval_every, cfg.train.checkpoint_every})
+      if (every > 0) seg_end = std::min(seg_end, (st.step / every + 1) * every);
+    const Schedule sched = make_schedule(kind, P, M, seg_end - st.step);
+    validate_schedule(sched);
+    const int64_t base_pos = st.data_position, base_step = st.step, base_tokens = st.tokens;
+    for (auto* w : ws) {
+      w->clear_records();
+      w->set_batch_source([&data, base_pos](int64_t mb, int32_t* bx, int32_t* by) {
+        data.train->batch(base_pos + mb, bx, by);
+      });
+    }
+    EngineOptions eo;
+    eo.kind = engine;
+    eo.blas_threads = blas_threads;
+    eo.trace = !opt.trace.empty();
+    eo.epoch = run_start;
+    EngineHooks hooks;
+    auto last_step_time = std::chrono::steady_clock::now();
+    hooks.stop_requested = [&] { return signals.pending() != 0; };
+    hooks.on_step = [&](int k, StageWorker& w, const RunMonitor& mon) {
+      if (k != P - 1) return;
+      const int64_t step = w.version();
+      const double loss = nan_guard(w.last_update_loss(), step - 1);
+      const auto now = std::chrono::steady_clock::now();
+      const double dt = std::chrono::duration<double>(now - last_step_time).count();
+      last_step_time = now;
+      const double tps = dt > 0 ? static_cast<double>(tokens_per_update) / dt : 0.0;
+      const double util = mon.utilization();
+      res.last_loss = loss;
+      nlohmann::json j = {{"step", step}, {"tokens", base_tokens + (step - base_step) * tokens_per_update},
+                          {"loss", loss}, {"lr", w.last_lr()}};
+      // With several stages each clips its own gradient; the last stage's norm alone would mislead.
+      if (P == 1) j["grad_norm"] = w.last_grad_norm();
+      j["tokens_per_s"] = tps;
+      j["utilization"] = util;
+      metrics.write(j);
+      progress.step(step, loss, tps, w.last_lr(), P > 1 ? util : -1.0);
+    };
+    const RunStats rs = run_schedule(sched, ws, eo, hooks);
+    trace.insert(trace.end(), rs.events.begin(), rs.events.end());
+    st.step += rs.updates;
+    st.data_position += rs.microbatches;
+    st.tokens += rs.updates * tokens_per_update;
+    run_tokens += rs.updates * tokens_per_update;
+    last_util = rs.utilization;
+    if (P > 1 && rs.updates > 0) {
+      nlohmann::json busy = nlohmann::json::array(), idle = nlohmann::json::array();
+      for (int k = 0; k < P; ++k) {
+        busy.push_back(rs.busy[static_cast<size_t>(k)]);
+        idle.push_back(std::max(0.0, rs.wall - rs.busy[static_cast<size_t>(k)]));
+      }
+      metrics.write({{"step", st.step}, {"tokens", st.tokens}, {"utilization", rs.utilization},
+                     {"bubble", 1.0 - rs.utilization}, {"stage_busy_s", busy}, {"stage_idle_s", idle},
+                     {"segment_updates", rs.updates}, {"segment_wall_s", rs.wall},
+                     {"tokens_per_s", static_cast<double>(rs.updates * tokens_per_update) / rs.wall},
+                     {"utilization_kind", engine == EngineKind::Threads ? "measured" : "modelled"}});
+    }
+    if (!memory_reported) {
+      // After the first segment the weight stashes have grown to their steady size.
+      memory_reported = true;
+      nlohmann::json mem = nlohmann::json::array();
+      std::string line = "memory per stage (weights + versions + grads + optimizer + activations):";
+      for (auto* w : ws) {
+        const StageMemory m = w->memory();
+        mem.push_back({{"stage", w->options().index}, {"weights", m.weights},
+                       {"weight_versions", m.weight_versions}, {"gradients", m.gradients},
+                       {"optimizer", m.optimizer}, {"activations", m.activations},
+                       {"total", m.total()}});
+        line += " " + format_bytes(static_cast<double>(m.total()));
+      }
+      write_file_atomic(cfg.out.dir + "/memory.json", nlohmann::json{{"stages", mem}}.dump(2) + "\n");
+      if (P > 1) progress.message(line);
+    }
 
-    if (cfg.train.eval_every > 0 && st.step % cfg.train.eval_every == 0) evaluate();
+    if (cfg.train.eval_every > 0 && st.step % cfg.train.eval_every == 0 && rs.updates > 0) evaluate();
     const bool periodic = cfg.train.checkpoint_every > 0 && st.step % cfg.train.checkpoint_every == 0;
     if (periodic && st.step < end) save();
     if (signals.pending()) {
       progress.finish();
       save();
+      write_trace();
       throw Error("interrupted by signal " + std::to_string(signals.pending()) + " at step " +
                   std::to_string(st.step) + "; checkpoint saved to " + ckpt_dir +
                   " (continue with --resume)");
@@ -290,9 +425,11 @@ TrainResult train(const Config& cfg, const TrainOptions& opt) {
   if (cfg.train.eval_every > 0 && st.step == cfg.train.steps && last_eval_step != st.step)
     evaluate();
   save();
+  write_trace();
   const double el = std::chrono::duration<double>(std::chrono::steady_clock::now() - run_start).count();
   res.steps = st.step;
   res.tokens_per_s = el > 0 ? static_cast<double>(run_tokens) / el : 0.0;
+  res.utilization = last_util;
   return res;
 }
 
@@ -305,7 +442,7 @@ EvalResult evaluate_checkpoint(const std::string& checkpoint_dir, const Config& 
   std::vector<int32_t> x(stage.boundary_floats() / static_cast<size_t>(cfg.model.n_embd));
   std::vector<int32_t> y(x.size());
   EvalResult r;
-  r.loss = eval_loss(stage, *data.val, batches, x, y);
+  r.loss = eval_loss(std::vector<Stage*>{&stage}, *data.val, batches, x, y);
   r.ppl = std::exp(r.loss);
   r.tokens = static_cast<int64_t>(batches) * static_cast<int64_t>(x.size());
   return r;

@@ -1,12 +1,16 @@
-// The training loop of a single-stage model: data, forward/backward, clipping, AdamW with the
-// warm-up + cosine schedule, evaluation, metrics, progress and checkpoints. The pipeline issue
-// generalises the step to several stages; everything around it stays.
+// The training loop: data, the pipeline (stages, schedule, engine; a single stage is the P = 1
+// case), per-stage clipping and AdamW with the warm-up + cosine schedule, evaluation, metrics,
+// progress, trace and checkpoints. Training runs in segments between drain points (evaluations,
+// checkpoints, the end); checkpoints are only taken there.
 #pragma once
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <string>
+#include <vector>
 
 #include "model/config.h"
+#include "pipeline/stage_worker.h"
 
 namespace pipenag {
 
@@ -14,6 +18,7 @@ struct TrainOptions {
   bool resume = false;     // continue from <out>/checkpoint
   int64_t stop_at = -1;    // stop (with a checkpoint) after this many updates, as if interrupted
   bool quiet = false;      // no progress output
+  std::string trace;       // write a Chrome trace-event JSON of every stage's actions here
 };
 
 struct TrainResult {
@@ -22,10 +27,15 @@ struct TrainResult {
   double val_loss = -1.0;     // last evaluation (-1: none)
   double val_ppl = -1.0;
   double tokens_per_s = 0.0;  // mean over this invocation
+  double utilization = -1.0;  // of the last segment (fraction of stage-time computing)
   std::string checkpoint;     // folder of the final checkpoint
 };
 
 TrainResult train(const Config& cfg, const TrainOptions& opt);
+
+// The stage workers of cfg's pipeline (partition, slots from the schedule, delays, stashing,
+// recomputation), weights not yet initialised.
+std::vector<std::unique_ptr<StageWorker>> make_workers(const Config& cfg);
 
 // The folder with train.bin / val.bin / meta.json for this config: data.dir, or <out.dir>/data,
 // prepared from data.input with data.tokenizer when missing or made with other settings.

@@ -1,0 +1,356 @@
+#include "pipeline/engine.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <condition_variable>
+#include <cstring>
+#include <exception>
+#include <memory>
+#include <mutex>
+#include <nlohmann/json.hpp>
+#include <thread>
+
+#include "util/error.h"
+
+namespace pipenag {
+
+std::string_view engine_name(EngineKind k) {
+  return k == EngineKind::Threads ? "threads" : "sequential";
+}
+
+EngineKind parse_engine_kind(std::string_view name) {
+  if (name == "sequential") return EngineKind::Sequential;
+  if (name == "threads") return EngineKind::Threads;
+  if (name == "mpi")
+    throw Error("pipeline.engine \"mpi\" is not available in this build (use \"sequential\" or "
+                "\"threads\")");
+  throw Error("unknown pipeline.engine '" + std::string(name) +
+              "' (expected \"sequential\" or \"threads\")");
+}
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+struct Aborted {};  // another stage failed; unwinds this one quietly
+
+// State every stage of one run shares: where the run was cut, and whether it failed.
+struct Shared {
+  std::atomic<int64_t> cut;
+  std::atomic<bool> aborted{false};
+};
+
+// Messages across one stage boundary in one direction, keyed by micro-batch id. Buffers are
+// pooled: after the first few micro-batches nothing is allocated.
+class Mailbox {
+ public:
+  enum class Got { Message, NotYet, Cut };
+
+  Mailbox(size_t floats, const Shared& sh) : floats_(floats), sh_(sh) {}
+
+  void put(int64_t mb, const float* data) {
+    std::vector<float> buf;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      if (!pool_.empty()) {
+        buf = std::move(pool_.back());
+        pool_.pop_back();
+      }
+    }
+    buf.resize(floats_);
+    std::memcpy(buf.data(), data, floats_ * sizeof(float));
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      msgs_.emplace_back(mb, std::move(buf));
+    }
+    cv_.notify_all();
+  }
+
+  // Takes micro-batch mb's message into `out`. With `wait`, blocks until it arrives (or the run
+  // is cut before mb, or aborted); without, returns NotYet when it is not there.
+  Got take(int64_t mb, std::vector<float>& out, bool wait) {
+    std::unique_lock<std::mutex> l(mu_);
+    for (;;) {
+      if (sh_.aborted.load()) throw Aborted{};
+      for (auto it = msgs_.begin(); it != msgs_.end(); ++it) {
+        if (it->first != mb) continue;
+        out = std::move(it->second);
+        msgs_.erase(it);
+        return Got::Message;
+      }
+      if (mb >= sh_.cut.load()) return Got::Cut;
+      if (!wait) return Got::NotYet;
+      cv_.wait(l);
+    }
+  }
+
+  void give_back(std::vector<float>&& buf) {
+    std::lock_guard<std::mutex> l(mu_);
+    pool_.push_back(std::move(buf));
+  }
+
+  void wake() {
+    { std::lock_guard<std::mutex> l(mu_); }
+    cv_.notify_all();
+  }
+
+ private:
+  size_t floats_;
+  const Shared& sh_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::vector<std::pair<int64_t, std::vector<float>>> msgs_;
+  std::vector<std::vector<float>> pool_;
+};
+
+// Per-stage counters, readable from any thread while the run goes on.
+struct StageCounters {
+  std::atomic<int64_t> f_ns{0}, b_ns{0}, s_ns{0}, wait_ns{0};
+  std::atomic<int64_t> f_n{0}, b_n{0}, s_n{0};
+};
+
+class Run final : public RunMonitor {
+ public:
+  Run(const Schedule& s, const std::vector<StageWorker*>& workers, const EngineOptions& opt,
+      const EngineHooks& hooks)
+      : s_(s), w_(workers), opt_(opt), hooks_(hooks), counters_(workers.size()),
+        next_(workers.size(), 0), events_(workers.size()) {
+    if (static_cast<int>(workers.size()) != s.stages)
+      throw Error("engine: " + std::to_string(workers.size()) + " stage workers for a " +
+                  std::to_string(s.stages) + "-stage schedule");
+    sh_.cut.store(s.num_microbatches());
+    for (int k = 0; k + 1 < s.stages; ++k) {
+      const size_t nb = workers[static_cast<size_t>(k)]->boundary_floats();
+      fwd_.push_back(std::make_unique<Mailbox>(nb, sh_));
+      bwd_.push_back(std::make_unique<Mailbox>(nb, sh_));
+    }
+    start_ = Clock::now();
+  }
+
+  double elapsed() const override {
+    return std::chrono::duration<double>(Clock::now() - start_).count();
+  }
+
+  double utilization() const override {
+    const size_t P = w_.size();
+    if (opt_.kind == EngineKind::Threads) {
+      const double el = elapsed();
+      double busy = 0;
+      for (const auto& c : counters_) busy += 1e-9 * static_cast<double>(c.f_ns + c.b_ns + c.s_ns);
+      return el > 0 ? busy / (static_cast<double>(P) * el) : 0.0;
+    }
+    // Sequential: the timeline of the part of the schedule run so far, with mean action costs.
+    std::vector<double> f(P), b(P), st(P);
+    for (size_t k = 0; k < P; ++k) {
+      const auto& c = counters_[k];
+      const auto mean = [](int64_t ns, int64_t n) {
+        return n > 0 ? 1e-9 * static_cast<double>(ns) / static_cast<double>(n) : 0.0;
+      };
+      f[k] = mean(c.f_ns, c.f_n);
+      b[k] = mean(c.b_ns, c.b_n);
+      st[k] = mean(c.s_ns, c.s_n);
+    }
+    const int64_t done = std::max<int64_t>(1, counters_.back().s_n.load()) * s_.microbatches;
+    return simulate(truncate_schedule(s_, std::min(done, s_.num_microbatches())), f, b, st)
+        .utilization();
+  }
+
+  RunStats go() {
+    if (opt_.kind == EngineKind::Threads) run_threads();
+    else run_sequential();
+    RunStats r;
+    r.wall = elapsed();
+    const int64_t cut = sh_.cut.load();
+    r.microbatches = cut;
+    r.updates = cut / s_.microbatches;
+    for (const auto& c : counters_) {
+      r.busy.push_back(1e-9 * static_cast<double>(c.f_ns + c.b_ns + c.s_ns));
+      r.wait.push_back(1e-9 * static_cast<double>(c.wait_ns));
+    }
+    r.utilization = utilization();
+    if (opt_.trace)
+      for (auto& e : events_) r.events.insert(r.events.end(), e.begin(), e.end());
+    return r;
+  }
+
+ private:
+  double since_epoch(Clock::time_point t) const {
+    return std::chrono::duration<double>(t - opt_.epoch).count();
+  }
+
+  void record(int k, char kind, int64_t mb, int64_t version, Clock::time_point a,
+              Clock::time_point b) {
+    const int64_t ns = std::chrono::duration_cast<std::chrono::nanoseconds>(b - a).count();
+    auto& c = counters_[static_cast<size_t>(k)];
+    switch (kind) {
+      case 'F': c.f_ns += ns; ++c.f_n; break;
+      case 'B': c.b_ns += ns; ++c.b_n; break;
+      case 'S': c.s_ns += ns; ++c.s_n; break;
+      default: c.wait_ns += ns;
+    }
+    if (opt_.trace)
+      events_[static_cast<size_t>(k)].push_back({k, kind, mb, version, since_epoch(a), since_epoch(b)});
+  }
+
+  // Receives micro-batch mb's message for stage k, timing the wait.
+  Mailbox::Got receive(int k, Mailbox& box, int64_t mb, std::vector<float>& buf, bool wait) {
+    const auto t0 = Clock::now();
+    const Mailbox::Got g = box.take(mb, buf, wait);
+    const auto t1 = Clock::now();
+    if (wait && t1 - t0 > std::chrono::microseconds(20))
+      record(k, 'W', mb, w_[static_cast<size_t>(k)]->version(), t0, t1);
+    return g;
+  }
+
+  // Runs stage k's next action if its input is there (always, when `wait`). Returns false when
+  // it must wait (only without `wait`).
+  bool execute(int k, bool wait) {
+    const auto ks = static_cast<size_t>(k);
+    StageWorker& w = *w_[ks];
+    const Action a = s_.actions[ks][next_[ks]];
+    if (k == 0 && a.op == Op::Forward && a.mb % s_.microbatches == 0 && hooks_.stop_requested &&
+        sh_.cut.load() == s_.num_microbatches() && hooks_.stop_requested()) {
+      sh_.cut.store(a.mb);
+      for (auto& m : fwd_) m->wake();
+      for (auto& m : bwd_) m->wake();
+    }
+    if (a.mb >= sh_.cut.load()) {
+      ++next_[ks];
+      return true;
+    }
+    const bool first = k == 0, last = k + 1 == s_.stages;
+    const int64_t version = w.version();
+    std::vector<float> buf;
+    if (a.op == Op::Forward) {
+      if (!first) {
+        const auto g = receive(k, *fwd_[ks - 1], a.mb, buf, wait);
+        if (g == Mailbox::Got::NotYet) return false;
+        if (g == Mailbox::Got::Cut) return ++next_[ks], true;
+      }
+      const auto t0 = Clock::now();
+      const float* out = w.forward(a.mb, first ? nullptr : buf.data());
+      const auto t1 = Clock::now();
+      record(k, 'F', a.mb, version, t0, t1);
+      if (!first) fwd_[ks - 1]->give_back(std::move(buf));
+      if (!last) fwd_[ks]->put(a.mb, out);
+    } else if (a.op == Op::Backward) {
+      if (!last) {
+        const auto g = receive(k, *bwd_[ks], a.mb, buf, wait);
+        if (g == Mailbox::Got::NotYet) return false;
+        if (g == Mailbox::Got::Cut) return ++next_[ks], true;
+      }
+      const auto t0 = Clock::now();
+      const float* din = w.backward(a.mb, last ? nullptr : buf.data());
+      const auto t1 = Clock::now();
+      record(k, 'B', a.mb, version, t0, t1);
+      if (!last) bwd_[ks]->give_back(std::move(buf));
+      if (!first) bwd_[ks - 1]->put(a.mb, din);
+    } else {
+      const auto t0 = Clock::now();
+      w.step();
+      const auto t1 = Clock::now();
+      record(k, 'S', a.mb, version, t0, t1);
+      if (hooks_.on_step) hooks_.on_step(k, w, *this);
+    }
+    ++next_[ks];
+    return true;
+  }
+
+  void run_sequential() {
+    const int P = s_.stages;
+    for (;;) {
+      bool progressed = false, left = false;
+      for (int k = 0; k < P; ++k) {
+        const auto ks = static_cast<size_t>(k);
+        while (next_[ks] < s_.actions[ks].size() && execute(k, false)) progressed = true;
+        left |= next_[ks] < s_.actions[ks].size();
+      }
+      if (!left) return;
+      if (!progressed) throw Error("engine: schedule deadlocked (validate_schedule should have caught it)");
+    }
+  }
+
+  void run_threads() {
+    const int P = s_.stages;
+    std::mutex err_mu;
+    std::exception_ptr err;
+    std::vector<std::thread> threads;
+    for (int k = 0; k < P; ++k) {
+      threads.emplace_back([this, k, &err_mu, &err] {
+        try {
+          omp_set_num_threads(opt_.blas_threads);
+          const auto ks = static_cast<size_t>(k);
+          while (next_[ks] < s_.actions[ks].size()) execute(k, true);
+        } catch (const Aborted&) {
+        } catch (...) {
+          {
+            std::lock_guard<std::mutex> l(err_mu);
+            if (!err) err = std::current_exception();
+          }
+          sh_.aborted.store(true);
+          for (auto& m : fwd_) m->wake();
+          for (auto& m : bwd_) m->wake();
+        }
+      });
+    }
+    for (auto& t : threads) t.join();
+    if (err) std::rethrow_exception(err);
+  }
+
+  const Schedule& s_;
+  const std::vector<StageWorker*>& w_;
+  const EngineOptions& opt_;
+  const EngineHooks& hooks_;
+  Shared sh_;
+  std::vector<StageCounters> counters_;
+  std::vector<size_t> next_;
+  std::vector<std::unique_ptr<Mailbox>> fwd_, bwd_;  // fwd_[k]: k -> k+1; bwd_[k]: k+1 -> k
+  std::vector<std::vector<TraceEvent>> events_;
+  Clock::time_point start_;
+};
+
+}  // namespace
+
+RunStats run_schedule(const Schedule& s, const std::vector<StageWorker*>& workers,
+                      const EngineOptions& opt, const EngineHooks& hooks) {
+  Run run(s, workers, opt, hooks);
+  return run.go();
+}
+
+Schedule truncate_schedule(const Schedule& s, int64_t cut) {
+  if (cut < 0 || cut > s.num_microbatches() || cut % s.microbatches != 0)
+    throw Error("truncate_schedule: cut " + std::to_string(cut) + " is not an update boundary");
+  Schedule t = s;
+  t.updates = cut / s.microbatches;
+  for (auto& list : t.actions)
+    list.erase(std::remove_if(list.begin(), list.end(), [&](const Action& a) { return a.mb >= cut; }),
+               list.end());
+  return t;
+}
+
+std::string trace_json(const std::vector<TraceEvent>& events, int stages) {
+  nlohmann::json ev = nlohmann::json::array();
+  for (int k = 0; k < stages; ++k) {
+    ev.push_back({{"name", "thread_name"}, {"ph", "M"}, {"pid", 0}, {"tid", k},
+                  {"args", {{"name", "stage " + std::to_string(k)}}}});
+    ev.push_back({{"name", "thread_sort_index"}, {"ph", "M"}, {"pid", 0}, {"tid", k},
+                  {"args", {{"sort_index", k}}}});
+  }
+  for (const auto& e : events) {
+    const char* name = e.kind == 'F' ? "forward" : e.kind == 'B' ? "backward" : e.kind == 'S' ? "step" : "wait";
+    nlohmann::json j = {{"name", e.kind == 'S' || e.kind == 'W' ? std::string(name)
+                                                                : std::string(1, e.kind) + std::to_string(e.mb)},
+                        {"cat", name},
+                        {"ph", "X"},
+                        {"pid", 0},
+                        {"tid", e.stage},
+                        {"ts", e.start * 1e6},
+                        {"dur", (e.end - e.start) * 1e6},
+                        {"args", {{"mb", e.mb}, {"version", e.version}}}};
+    ev.push_back(std::move(j));
+  }
+  return nlohmann::json{{"traceEvents", ev}, {"displayTimeUnit", "ms"}}.dump() + "\n";
+}
+
+}  // namespace pipenag

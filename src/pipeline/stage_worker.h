@@ -1,0 +1,119 @@
+// Everything one pipeline stage owns and does: its Stage (weights, gradients, saved activations
+// of in-flight micro-batches), its optimizer state, its weight versions for stashing, its
+// micro-batch data, and the three actions forward(mb), backward(mb), step(). Engines call these
+// in the order a Schedule gives; a worker never sees another stage's weights.
+#pragma once
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <vector>
+
+#include "model/config.h"
+#include "optim/adamw.h"
+#include "pipeline/stage.h"
+
+namespace pipenag {
+
+// Fills tokens x[B*T] and targets y[B*T] of micro-batch `mb` (an id within the current run).
+using BatchSource = std::function<void(int64_t mb, int32_t* x, int32_t* y)>;
+
+struct StageOptions {
+  int index = 0;            // stage k
+  int first_unit = 0;       // units [first_unit, last_unit) of the model
+  int last_unit = 0;
+  int slots = 1;            // micro-batches in flight at most
+  int delay = 0;            // tau_k of the schedule
+  bool stash = true;        // backward under the weights its forward used
+  bool recompute = false;   // keep only the stage input; rerun the forward in the backward
+  float grad_scale = 1.0f;  // d(objective)/d(sum of token losses): 1 / tokens per update
+};
+
+// Bytes a stage holds, by kind (report and memory test).
+struct StageMemory {
+  size_t weights = 0;           // current weights
+  size_t weight_versions = 0;   // stashed older versions
+  size_t gradients = 0;
+  size_t optimizer = 0;         // optimizer state
+  size_t activations = 0;       // saved activations of in-flight micro-batches
+  size_t total() const { return weights + weight_versions + gradients + optimizer + activations; }
+};
+
+// Weight versions seen by one micro-batch: the stage's update count at its forward and the
+// version of the weights its backward ran under (equal with stashing).
+struct VersionRecord {
+  int64_t mb = 0;
+  int64_t forward_version = 0;
+  int64_t backward_version = 0;
+};
+
+class StageWorker {
+ public:
+  StageWorker(const Config& cfg, const StageOptions& opt);
+
+  const StageOptions& options() const { return opt_; }
+  Stage& stage() { return stage_; }
+  const Stage& stage() const { return stage_; }
+  AdamW& optimizer() { return adamw_; }
+  const AdamW& optimizer() const { return adamw_; }
+  bool is_first() const { return stage_.has_embedding(); }
+  bool is_last() const { return stage_.has_head(); }
+  size_t boundary_floats() const { return stage_.boundary_floats(); }
+
+  // Updates done on this stage (the current weight version).
+  int64_t version() const { return version_; }
+  void set_version(int64_t v) { version_ = v; }
+
+  void set_batch_source(BatchSource src) { batches_ = std::move(src); }
+
+  // Forward of micro-batch mb; `in` is the previous stage's output (ignored on the first stage).
+  // Returns this stage's output (nullptr on the last stage), valid until the next action.
+  const float* forward(int64_t mb, const float* in);
+  // Backward of micro-batch mb; `dout` is the gradient of this stage's output (ignored on the
+  // last stage). Returns the gradient of the stage input (nullptr on the first stage).
+  const float* backward(int64_t mb, const float* dout);
+  // Clips this stage's gradient by its own norm, applies the optimizer at the scheduled learning
+  // rate of the current version, zeroes the gradient, and advances the version.
+  void step();
+
+  // Last stage: sum and count of token losses since the last step (the update's loss).
+  double update_loss() const;
+  // Loss of the last completed update (last stage), its gradient norm and learning rate.
+  double last_update_loss() const { return last_loss_; }
+  double last_grad_norm() const { return last_norm_; }
+  double last_lr() const { return last_lr_; }
+
+  // Versions of every micro-batch since clear_records() (for tests and the trace).
+  const std::vector<VersionRecord>& records() const { return records_; }
+  void clear_records() { records_.clear(); }
+
+  StageMemory memory() const;
+
+ private:
+  struct InFlight {
+    int64_t mb = -1;
+    int64_t version = 0;
+  };
+  int slot_of(int64_t mb) const;
+  const float* weights_of_version(int64_t v) const;
+  void stash_current_if_needed();
+
+  Config cfg_;
+  StageOptions opt_;
+  Stage stage_;
+  AdamW adamw_;
+  BatchSource batches_;
+  int64_t version_ = 0;
+  std::vector<InFlight> in_flight_;                  // per slot
+  std::vector<std::vector<int32_t>> x_, y_;           // per slot
+  struct Stashed {
+    int64_t version = -1;  // -1: free
+    std::vector<float> w;
+  };
+  std::vector<Stashed> stash_;
+  std::vector<VersionRecord> records_;
+  double loss_sum_ = 0.0;
+  int64_t loss_count_ = 0;
+  double last_loss_ = 0.0, last_norm_ = 0.0, last_lr_ = 0.0;
+};
+
+}  // namespace pipenag
