@@ -14,12 +14,14 @@
 #include "data/text_corpus.h"
 #include "data/tokenizer.h"
 #include "io/atomic_file.h"
+#include "lab/delaylab.h"
 #include "model/units.h"
 #include "pipeline/schedule.h"
 #include "pipeline/timeline_svg.h"
 #include "train/bench.h"
 #include "train/checkpoint.h"
 #include "train/config_file.h"
+#include "train/methods.h"
 #include "train/sample.h"
 #include "train/trainer.h"
 #include "util/error.h"
@@ -174,6 +176,8 @@ int main(int argc, char** argv) {
   trace_cmd->add_option("--svg", trace_svg, "Output SVG file")->required();
   trace_cmd->add_option("--from", trace_from, "Start of the window, seconds")->capture_default_str();
   trace_cmd->add_option("--to", trace_to, "End of the window, seconds (default: the end)");
+  int trace_skip = 0;
+  trace_cmd->add_option("--skip-updates", trace_skip, "Steady state: drop the first and last K updates of the last stage (pipeline fill and drain)");
 
   // bench
   auto* bench = app.add_subcommand("bench", "Speed of one training step: tokens/s, GFLOP/s, MFU");
@@ -190,6 +194,21 @@ int main(int argc, char** argv) {
   bench->add_option("--n-head", bopt.model.n_head)->capture_default_str();
   bench->add_option("--block-size", bopt.model.block_size)->capture_default_str();
   bench->add_flag("--json", bopt.json, "One JSON object per configuration, nothing else");
+
+  // methods
+  auto* methods_cmd = app.add_subcommand("methods", "List the method presets (method = \"<name>\" or --set method=<name>) and what each sets");
+
+  // delaylab
+  auto* delaylab = app.add_subcommand("delaylab", "Delayed-gradient convex testbed: GD, heavy ball, NAG and Eq. 10 with a fixed gradient delay (table, CSV, PNG)");
+  lab::DelayLabOptions dlopt;
+  std::string dl_taus = "0,1,2,4,8";
+  delaylab->add_option("--problem", dlopt.problem, "quadratic | logistic | both")->capture_default_str();
+  delaylab->add_option("--taus", dl_taus, "Comma-separated gradient delays")->capture_default_str();
+  delaylab->add_option("--iters", dlopt.iters, "Iteration budget per run")->capture_default_str();
+  delaylab->add_option("--eta-scale", dlopt.eta_scale, "Step size eta = scale / L")->capture_default_str();
+  delaylab->add_option("--gamma", dlopt.gamma, "Constant momentum gamma")->capture_default_str();
+  delaylab->add_flag("--gamma-theory", dlopt.gamma_theory, "Use gamma_t = max(0, (t-2)/t) instead of --gamma");
+  delaylab->add_option("--out", dlopt.out_dir, "Output folder: curves.csv, table.md, delaylab.gp, delaylab.png")->capture_default_str();
 
   try {
     app.parse(argc, argv);
@@ -239,6 +258,8 @@ int main(int argc, char** argv) {
       train_bpe(texts, tok_vocab, tok_out);
       std::printf("trained a %d-token BPE on %zu documents: %s/encoder.json, %s/vocab.bpe\n",
                   tok_vocab, texts.size(), tok_out.c_str(), tok_out.c_str());
+    } else if (*methods_cmd) {
+      std::printf("%s", describe_methods().c_str());
     } else if (*sched_cmd) {
       const ScheduleKind kind = parse_schedule_kind(sched_kind);
       if (sched_stages < 1) throw Error("--stages must be >= 1, got " + std::to_string(sched_stages));
@@ -254,8 +275,14 @@ int main(int argc, char** argv) {
         std::printf("timeline picture: %s\n", sched_svg.c_str());
       }
     } else if (*trace_cmd) {
-      const TraceSummary t = render_trace(trace_in, trace_svg, trace_from, trace_to);
+      const TraceSummary t = render_trace(trace_in, trace_svg, trace_from, trace_to, trace_skip);
       std::printf("%s", t.text.c_str());
+    } else if (*delaylab) {
+      dlopt.taus = lab::parse_taus(dl_taus);
+      const lab::DelayLabReport r = lab::run_delaylab(dlopt);
+      std::printf("%s\n", r.table.c_str());
+      for (const auto& f : r.files) std::printf("wrote %s\n", f.c_str());
+      for (const auto& w : r.warnings) std::fprintf(stderr, "pipenag: warning: %s\n", w.c_str());
     } else if (*bench) {
       bopt.vocabs.clear();
       for (const auto& v : split_commas(vocabs)) bopt.vocabs.push_back(parse_int(v, "--vocab"));

@@ -54,12 +54,16 @@ TEST(ConfigKeys, TableCoversEveryField) {
       "model.n_layer", "model.n_embd", "model.n_head", "model.block_size", "model.vocab_size",
       "model.activation", "model.tie_embeddings", "model.seed", "train.steps",
       "train.batch_size", "train.lr", "train.warmup_steps", "train.min_lr_ratio",
-      "train.weight_decay", "train.beta1", "train.beta2", "train.eps", "train.clip",
+      "train.clip", "train.clip_global",
       "train.seed", "train.eval_every", "train.eval_batches", "train.checkpoint_every",
       "train.log_every", "train.threads", "train.bf16", "data.input", "data.tokenizer",
       "data.dir", "data.order", "data.val_fraction", "data.split_seed", "pipeline.stages",
       "pipeline.partition", "pipeline.schedule", "pipeline.microbatches", "pipeline.engine",
-      "pipeline.stash", "pipeline.recompute", "out.dir"};
+      "pipeline.stash", "pipeline.recompute", "optim.name", "optim.beta1", "optim.beta2",
+      "optim.eps", "optim.weight_decay", "optim.momentum_decay", "optim.gamma",
+      "optim.gamma_theory", "optim.adaptive", "optim.lr_reschedule", "optim.lr_reschedule_steps",
+      "optim.pipemare", "optim.spectrain", "optim.delta_decay", "optim.stage_momentum",
+      "optim.stage_lr_rho", "out.dir"};
   for (const auto& n : expected) EXPECT_TRUE(names.count(n)) << n;
   EXPECT_EQ(names.size(), expected.size());
 }
@@ -116,16 +120,18 @@ activation = "gelu"
 tie_embeddings = true
 seed = 7
 
+[optim]
+weight_decay = 0
+beta1 = 0.8
+beta2 = 0.95
+eps = 1e-6
+
 [train]
 steps = 50
 batch_size = 4
 lr = 1e-3
 warmup_steps = 5
 min_lr_ratio = 0.0
-weight_decay = 0
-beta1 = 0.8
-beta2 = 0.95
-eps = 1e-6
 clip = -1.0
 seed = 99
 eval_every = 0
@@ -155,10 +161,10 @@ dir = "runs/a"
   EXPECT_EQ(c.train.lr, 1e-3);
   EXPECT_EQ(c.train.warmup_steps, 5);
   EXPECT_EQ(c.train.min_lr_ratio, 0.0);
-  EXPECT_EQ(c.train.weight_decay, 0.0);  // an integer is accepted for a float key
-  EXPECT_EQ(c.train.beta1, 0.8);
-  EXPECT_EQ(c.train.beta2, 0.95);
-  EXPECT_EQ(c.train.eps, 1e-6);
+  EXPECT_EQ(c.optim.weight_decay, 0.0);  // an integer is accepted for a float key
+  EXPECT_EQ(c.optim.beta1, 0.8);
+  EXPECT_EQ(c.optim.beta2, 0.95);
+  EXPECT_EQ(c.optim.eps, 1e-6);
   EXPECT_EQ(c.train.clip, -1.0);
   EXPECT_EQ(c.train.seed, 99u);
   EXPECT_EQ(c.train.eval_every, 0);
@@ -189,14 +195,14 @@ TEST(ParseConfig, DottedKeysAtTopLevel) {
 TEST(Overrides, TomlValueSyntax) {
   const Config c = parse("", {"train.lr=3e-4", "train.bf16=true", "model.n_layer=12",
                               "data.input=\"quoted path.txt\"", "train.steps=1_000",
-                              "model.activation='gelu'", "train.weight_decay=1"});
+                              "model.activation='gelu'", "optim.weight_decay=1"});
   EXPECT_EQ(c.train.lr, 3e-4);
   EXPECT_TRUE(c.train.bf16);
   EXPECT_EQ(c.model.n_layer, 12);
   EXPECT_EQ(c.data.input, "quoted path.txt");
   EXPECT_EQ(c.train.steps, 1000);
   EXPECT_EQ(c.model.activation, Activation::GELU);
-  EXPECT_EQ(c.train.weight_decay, 1.0);
+  EXPECT_EQ(c.optim.weight_decay, 1.0);
 }
 
 TEST(Overrides, BareStrings) {
@@ -270,10 +276,10 @@ Config unusual_config() {
   c.train.lr = 1.0 / 3.0;
   c.train.warmup_steps = 0;
   c.train.min_lr_ratio = 1.0;
-  c.train.weight_decay = 5.0;
-  c.train.beta1 = 0.0;
-  c.train.beta2 = 0.9999999999999999;
-  c.train.eps = 4.9e-324;  // smallest subnormal
+  c.optim.weight_decay = 5.0;
+  c.optim.beta1 = 0.0;
+  c.optim.beta2 = 0.9999999999999999;
+  c.optim.eps = 4.9e-324;  // smallest subnormal
   c.train.clip = -0.0;
   c.train.seed = 0;
   c.train.eval_every = 1;
@@ -306,7 +312,7 @@ TEST(RoundTrip, UnusualValuesThroughToml) {
   const Config back = parse_config(text, "saved.toml", {});
   expect_same(back, c);
   EXPECT_EQ(back.train.lr, 1.0 / 3.0);
-  EXPECT_EQ(back.train.eps, 4.9e-324);
+  EXPECT_EQ(back.optim.eps, 4.9e-324);
   EXPECT_TRUE(std::signbit(back.train.clip));
   EXPECT_EQ(back.data.input, c.data.input);
   EXPECT_EQ(back.out.dir, c.out.dir);
@@ -339,9 +345,11 @@ TEST(RoundTrip, Json) {
   EXPECT_EQ(j["train"]["steps"].get<int64_t>(), 123456789012);
   EXPECT_EQ(j["data"]["input"], c.data.input);
   EXPECT_EQ(j["out"]["dir"], c.out.dir);
-  EXPECT_EQ(j.size(), 5u);
+  EXPECT_EQ(j.size(), 7u);  // "method" and six sections
+  EXPECT_EQ(j["method"], "");
   std::size_t keys = 0;
-  for (const auto& [sec, tbl] : j.items()) keys += tbl.size();
+  for (const auto& [sec, tbl] : j.items())
+    if (tbl.is_object()) keys += tbl.size();
   EXPECT_EQ(keys, config_keys().size());
   EXPECT_NE(config_to_json(Config{}), j);
 }
@@ -500,20 +508,20 @@ INSTANTIATE_TEST_SUITE_P(
         ValidationCase{"train.batch_size=0", "train.batch_size must be >= 1, got 0"},
         ValidationCase{"train.steps=0", "train.steps must be >= 1, got 0"},
         ValidationCase{"train.lr=-0.001", "train.lr must be >= 0, got -0.001"},
-        ValidationCase{"train.beta1=1", "train.beta1 must be in [0, 1), got 1"},
-        ValidationCase{"train.beta1=-0.5", "train.beta1 must be in [0, 1), got -0.5"},
-        ValidationCase{"train.beta2=1.0", "train.beta2 must be in [0, 1), got 1"},
+        ValidationCase{"optim.beta1=1", "optim.beta1 must be in [0, 1), got 1"},
+        ValidationCase{"optim.beta1=-0.5", "optim.beta1 must be in [0, 1), got -0.5"},
+        ValidationCase{"optim.beta2=1.0", "optim.beta2 must be in [0, 1), got 1"},
         ValidationCase{"train.min_lr_ratio=1.5", "train.min_lr_ratio must be in [0, 1], got 1.5"},
         ValidationCase{"train.min_lr_ratio=-0.1",
                        "train.min_lr_ratio must be in [0, 1], got -0.1"},
         ValidationCase{"data.val_fraction=0", "data.val_fraction must be in (0, 1), got 0"},
         ValidationCase{"data.val_fraction=1", "data.val_fraction must be in (0, 1), got 1"},
         ValidationCase{"train.warmup_steps=-1", "train.warmup_steps must be >= 0, got -1"},
-        ValidationCase{"train.weight_decay=-0.01",
-                       "train.weight_decay must be >= 0, got -0.01"},
+        ValidationCase{"optim.weight_decay=-0.01",
+                       "optim.weight_decay must be >= 0, got -0.01"},
         ValidationCase{"train.eval_batches=0", "train.eval_batches must be >= 1, got 0"},
         ValidationCase{"train.threads=-1", "train.threads must be >= 0, got -1"},
-        ValidationCase{"train.eps=0", "train.eps must be > 0, got 0"},
+        ValidationCase{"optim.eps=0", "optim.eps must be > 0, got 0"},
         ValidationCase{"train.eval_every=-5", "train.eval_every must be >= 0, got -5"},
         ValidationCase{"train.checkpoint_every=-1",
                        "train.checkpoint_every must be >= 0, got -1"},
@@ -523,11 +531,11 @@ INSTANTIATE_TEST_SUITE_P(
 TEST(Validate, AcceptsBoundaryValues) {
   Config c;
   c.train.lr = 0;
-  c.train.beta1 = 0;
-  c.train.beta2 = 0;
+  c.optim.beta1 = 0;
+  c.optim.beta2 = 0;
   c.train.min_lr_ratio = 0;
   c.train.warmup_steps = 0;
-  c.train.weight_decay = 0;
+  c.optim.weight_decay = 0;
   c.train.threads = 0;
   c.train.eval_every = 0;
   c.train.clip = 0;

@@ -21,15 +21,12 @@ struct ModelConfig {
 
 struct TrainConfig {
   int64_t steps = 1000;       // optimizer updates
-  int batch_size = 8;         // sequences per step (micro-batch in later pipeline issues)
+  int batch_size = 8;         // sequences per micro-batch (pipeline.microbatches of them per update)
   double lr = 3e-4;           // peak learning rate
   int64_t warmup_steps = 100; // linear warm-up from 0 to lr
   double min_lr_ratio = 0.1;  // cosine decays to lr * min_lr_ratio at `steps`
-  double weight_decay = 0.01; // decoupled (AdamW), on all parameters
-  double beta1 = 0.9;
-  double beta2 = 0.999;
-  double eps = 1e-8;
-  double clip = 1.0;          // gradient-norm clipping threshold; <= 0 disables
+  double clip = 1.0;          // per-stage gradient-norm clipping threshold; <= 0 disables
+  bool clip_global = false;   // synchronous schedules: clip by the norm over all stages
   uint64_t seed = 1337;       // data order seed
   int64_t eval_every = 100;   // steps between evaluations; 0 disables
   int eval_batches = 10;      // validation batches per evaluation
@@ -59,15 +56,38 @@ struct PipelineConfig {
   bool recompute = false;           // keep only stage inputs; recompute the forward in backward
 };
 
+// The optimizer every stage runs, and the staleness corrections (PAPER.md sections 2, 3).
+struct OptimConfig {
+  std::string name = "adamw";   // sgd | nag | adamw | nadamw | nag-delay (optim/optimizer.h)
+  double beta1 = 0.9;           // momentum / first-moment decay
+  double beta2 = 0.999;
+  double eps = 1e-8;
+  double weight_decay = 0.01;   // decoupled, on all parameters
+  double momentum_decay = 0.004;  // nadamw's psi
+  double gamma = 0.99;          // nag-delay momentum
+  bool gamma_theory = false;    // nag-delay: gamma_t = max(0, (t-2)/t)
+  bool adaptive = false;        // nag-delay: Adam-style second-moment scaling
+  // Corrections (async-1f1b only; each stage knows its delay tau_k):
+  bool lr_reschedule = false;   // eta_k(t) = eta / tau_k^(1 - min(t/T, 1))
+  int64_t lr_reschedule_steps = 0;  // T (0: train.warmup_steps)
+  bool pipemare = false;        // backward on w - tau_k * delta (needs stash off)
+  bool spectrain = false;       // forward on w - tau_k * lr * smoothed update (needs stash off)
+  double delta_decay = 0.9;     // EMA coefficient of delta / the smoothed update
+  bool stage_momentum = false;  // beta1_k = beta1 + tau_k (0.99 - beta1) / P
+  double stage_lr_rho = 0.0;    // eta_k = eta / tau_k^rho for tau_k >= 1 (0: off)
+};
+
 struct OutConfig {
   std::string dir = "out";
 };
 
 struct Config {
+  std::string method;           // the preset applied first (train/methods.h), "" for none
   ModelConfig model;
   TrainConfig train;
   DataConfig data;
   PipelineConfig pipeline;
+  OptimConfig optim;
   OutConfig out;
 };
 

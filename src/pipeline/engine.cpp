@@ -6,6 +6,7 @@
 #include <condition_variable>
 #include <cstring>
 #include <exception>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <nlohmann/json.hpp>
@@ -104,6 +105,58 @@ class Mailbox {
   std::vector<std::vector<float>> pool_;
 };
 
+// The all-reduce of the gradient's sum of squares for global clipping: each stage deposits its
+// sum for update u; the total is the sum in stage order once all have.
+class NormExchange {
+ public:
+  NormExchange(int stages, const Shared& sh) : P_(stages), sh_(sh) {}
+
+  void deposit(int k, int64_t u, double sumsq) {
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      Entry& e = entries_[u];
+      if (e.sums.empty()) e.sums.assign(static_cast<size_t>(P_), 0.0);
+      e.sums[static_cast<size_t>(k)] = sumsq;
+      ++e.count;
+    }
+    cv_.notify_all();
+  }
+
+  // The total for update u once every stage deposited (false without `wait` if not yet).
+  bool total(int64_t u, bool wait, double* out) {
+    std::unique_lock<std::mutex> l(mu_);
+    for (;;) {
+      if (sh_.aborted.load()) throw Aborted{};
+      auto it = entries_.find(u);
+      if (it != entries_.end() && it->second.count == P_) {
+        double t = 0;
+        for (double x : it->second.sums) t += x;
+        *out = t;
+        if (++it->second.readers == P_) entries_.erase(it);
+        return true;
+      }
+      if (!wait) return false;
+      cv_.wait(l);
+    }
+  }
+
+  void wake() {
+    { std::lock_guard<std::mutex> l(mu_); }
+    cv_.notify_all();
+  }
+
+ private:
+  struct Entry {
+    std::vector<double> sums;
+    int count = 0, readers = 0;
+  };
+  int P_;
+  const Shared& sh_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::map<int64_t, Entry> entries_;
+};
+
 // Per-stage counters, readable from any thread while the run goes on.
 struct StageCounters {
   std::atomic<int64_t> f_ns{0}, b_ns{0}, s_ns{0}, wait_ns{0};
@@ -115,7 +168,10 @@ class Run final : public RunMonitor {
   Run(const Schedule& s, const std::vector<StageWorker*>& workers, const EngineOptions& opt,
       const EngineHooks& hooks)
       : s_(s), w_(workers), opt_(opt), hooks_(hooks), counters_(workers.size()),
-        next_(workers.size(), 0), events_(workers.size()) {
+        next_(workers.size(), 0), deposited_(workers.size(), -1), events_(workers.size()),
+        norms_(s.stages, sh_) {
+    if (opt.global_clip && s.asynchronous())
+      throw Error("global gradient clipping needs a synchronous schedule");
     if (static_cast<int>(workers.size()) != s.stages)
       throw Error("engine: " + std::to_string(workers.size()) + " stage workers for a " +
                   std::to_string(s.stages) + "-stage schedule");
@@ -247,8 +303,19 @@ class Run final : public RunMonitor {
       if (!last) bwd_[ks]->give_back(std::move(buf));
       if (!first) bwd_[ks - 1]->put(a.mb, din);
     } else {
+      double global = -1.0;
+      if (opt_.global_clip) {
+        const int64_t u = a.mb / s_.microbatches;
+        if (deposited_[ks] != u) {
+          norms_.deposit(k, u, w.grad_sumsq());
+          deposited_[ks] = u;
+        }
+        const auto tw = Clock::now();
+        if (!norms_.total(u, wait, &global)) return false;
+        if (wait) record(k, 'W', a.mb, version, tw, Clock::now());
+      }
       const auto t0 = Clock::now();
-      w.step();
+      w.step(global);
       const auto t1 = Clock::now();
       record(k, 'S', a.mb, version, t0, t1);
       if (hooks_.on_step) hooks_.on_step(k, w, *this);
@@ -291,6 +358,7 @@ class Run final : public RunMonitor {
           sh_.aborted.store(true);
           for (auto& m : fwd_) m->wake();
           for (auto& m : bwd_) m->wake();
+          norms_.wake();
         }
       });
     }
@@ -305,8 +373,10 @@ class Run final : public RunMonitor {
   Shared sh_;
   std::vector<StageCounters> counters_;
   std::vector<size_t> next_;
+  std::vector<int64_t> deposited_;  // the last update each stage deposited its norm for
   std::vector<std::unique_ptr<Mailbox>> fwd_, bwd_;  // fwd_[k]: k -> k+1; bwd_[k]: k+1 -> k
   std::vector<std::vector<TraceEvent>> events_;
+  NormExchange norms_;
   Clock::time_point start_;
 };
 

@@ -37,6 +37,9 @@ struct EngineOptions {
   EngineKind kind = EngineKind::Sequential;
   int blas_threads = 1;   // per stage thread (threads engine); the sequential engine keeps its own
   bool trace = false;     // record every interval in RunStats::events
+  // Synchronous schedules: every stage clips by the gradient norm over all stages (the stages
+  // exchange their sums of squares before each update; added in stage order, deterministic).
+  bool global_clip = false;
   std::chrono::steady_clock::time_point epoch = std::chrono::steady_clock::now();
 };
 

@@ -10,13 +10,38 @@
 
 namespace pipenag {
 
+namespace {
+
+OptimizerSettings settings_of(const OptimConfig& o, double beta1) {
+  OptimizerSettings s;
+  s.name = o.name;
+  s.beta1 = beta1;
+  s.beta2 = o.beta2;
+  s.eps = o.eps;
+  s.weight_decay = o.weight_decay;
+  s.momentum_decay = o.momentum_decay;
+  s.gamma = o.gamma;
+  s.gamma_theory = o.gamma_theory;
+  s.adaptive = o.adaptive;
+  return s;
+}
+
+}  // namespace
+
 StageWorker::StageWorker(const Config& cfg, const StageOptions& opt)
     : cfg_(cfg),
       opt_(opt),
       stage_(cfg.model, opt.first_unit, opt.last_unit, cfg.train.batch_size, opt.slots,
-             opt.recompute),
-      adamw_(stage_.num_params(), AdamWHyper{cfg.train.beta1, cfg.train.beta2, cfg.train.eps,
-                                             cfg.train.weight_decay}) {
+             opt.recompute) {
+  const OptimConfig& o = cfg.optim;
+  // Ours-No-WS: stages with a longer delay lean more on momentum.
+  beta1_ = o.stage_momentum ? o.beta1 + opt.delay * (0.99 - o.beta1) / opt.stages : o.beta1;
+  optim_ = make_optimizer(settings_of(o, beta1_), stage_.num_params());
+  if ((o.pipemare || o.spectrain) && opt.delay > 0) {
+    delta_.assign(stage_.num_params(), 0.0f);
+    prev_w_.assign(stage_.num_params(), 0.0f);
+    shifted_.assign(stage_.num_params(), 0.0f);
+  }
   stage_.set_bf16(cfg.train.bf16);
   const size_t bt = static_cast<size_t>(cfg.train.batch_size) * cfg.model.block_size;
   in_flight_.resize(static_cast<size_t>(opt.slots));
@@ -53,7 +78,7 @@ const float* StageWorker::forward(int64_t mb, const float* in) {
   UnitContext ctx;
   ctx.training = true;
   ctx.grad_scale = opt_.grad_scale;
-  stage_.forward(slot, in, MicroBatch{x_[s].data(), y_[s].data()}, ctx);
+  stage_.forward(slot, in, MicroBatch{x_[s].data(), y_[s].data()}, ctx, shifted_weights(true));
   loss_sum_ += ctx.loss_sum;
   loss_count_ += ctx.loss_count;
   return is_last() ? nullptr : stage_.output(slot);
@@ -72,7 +97,9 @@ const float* StageWorker::backward(int64_t mb, const float* dout) {
   UnitContext ctx;
   ctx.training = true;
   ctx.grad_scale = opt_.grad_scale;
-  stage_.backward(slot, dout, MicroBatch{x_[s].data(), y_[s].data()}, ctx, weights_of_version(bv));
+  const float* shifted = shifted_weights(false);
+  stage_.backward(slot, dout, MicroBatch{x_[s].data(), y_[s].data()}, ctx,
+                  shifted ? shifted : weights_of_version(bv));
   records_.push_back({mb, fv, bv});
   in_flight_[s] = InFlight{};
   // A stashed version no in-flight micro-batch needs any more is freed for reuse.
@@ -101,13 +128,68 @@ void StageWorker::stash_current_if_needed() {
   it->version = version_;
 }
 
-void StageWorker::step() {
+double StageWorker::stage_lr(int64_t version) const {
+  const TrainConfig& t = cfg_.train;
+  const OptimConfig& o = cfg_.optim;
+  double lr = lr_at(version, t.lr, t.warmup_steps, t.steps, t.min_lr_ratio);
+  const double tau = opt_.delay;
+  if (tau >= 1) {
+    if (o.stage_lr_rho > 0) lr /= std::pow(tau, o.stage_lr_rho);
+    if (o.lr_reschedule) {
+      const int64_t horizon = o.lr_reschedule_steps > 0 ? o.lr_reschedule_steps : t.warmup_steps;
+      const double p = horizon > 0 ? std::min(1.0, static_cast<double>(version) /
+                                                       static_cast<double>(horizon))
+                                   : 1.0;
+      lr /= std::pow(tau, 1.0 - p);
+    }
+  }
+  return lr;
+}
+
+const float* StageWorker::shifted_weights(bool forward) {
+  if (delta_.empty()) return nullptr;
+  const OptimConfig& o = cfg_.optim;
+  // SpecTrain moves the forward to where the weights will be when its gradient is applied,
+  // tau_k updates from now; PipeMare moves the backward back to where the forward probably was.
+  float scale;
+  if (forward && o.spectrain) scale = -static_cast<float>(opt_.delay * stage_lr(version_));
+  else if (!forward && o.pipemare) scale = -static_cast<float>(opt_.delay);
+  else return nullptr;
+  const float* w = stage_.params();
+  const float* d = delta_.data();
+  float* out = shifted_.data();
+  const long n = static_cast<long>(delta_.size());
+#pragma omp parallel for simd schedule(static)
+  for (long i = 0; i < n; ++i) out[i] = w[i] + scale * d[i];
+  return out;
+}
+
+double StageWorker::grad_sumsq() const { return sum_squares(stage_.grads(), stage_.num_params()); }
+
+void StageWorker::step(double global_sumsq) {
   stash_current_if_needed();
   const size_t n = stage_.num_params();
-  const double norm = std::sqrt(sum_squares(stage_.grads(), n));
-  const TrainConfig& t = cfg_.train;
-  const double lr = lr_at(version_, t.lr, t.warmup_steps, t.steps, t.min_lr_ratio);
-  adamw_.step(stage_.params(), stage_.grads(), lr, clip_scale(norm, t.clip));
+  const double norm = std::sqrt(global_sumsq >= 0 ? global_sumsq : grad_sumsq());
+  const double lr = stage_lr(version_);
+  if (!delta_.empty()) std::memcpy(prev_w_.data(), stage_.params(), n * sizeof(float));
+  optim_->step(stage_.params(), stage_.grads(), lr, clip_scale(norm, cfg_.train.clip));
+  if (!delta_.empty()) {
+    // PipeMare's delta averages w_new - w_old; SpecTrain's smoothed update averages
+    // (w_old - w_new) / lr, the step direction per unit learning rate.
+    const float a = static_cast<float>(cfg_.optim.delta_decay);
+    const float b = static_cast<float>(1.0 - cfg_.optim.delta_decay);
+    const bool spec = cfg_.optim.spectrain;
+    const float inv_lr = spec && lr > 0 ? static_cast<float>(1.0 / lr) : 0.0f;
+    const float* w = stage_.params();
+    const float* pw = prev_w_.data();
+    float* d = delta_.data();
+    const long nl = static_cast<long>(n);
+#pragma omp parallel for simd schedule(static)
+    for (long i = 0; i < nl; ++i) {
+      const float change = spec ? (pw[i] - w[i]) * inv_lr : w[i] - pw[i];
+      d[i] = a * d[i] + b * change;
+    }
+  }
   stage_.zero_grads();
   last_loss_ = update_loss();
   last_norm_ = norm;
@@ -115,6 +197,11 @@ void StageWorker::step() {
   loss_sum_ = 0.0;
   loss_count_ = 0;
   ++version_;
+}
+
+std::vector<std::pair<std::string, std::vector<float>*>> StageWorker::correction_state() {
+  if (delta_.empty()) return {};
+  return {{cfg_.optim.spectrain ? "spectrain_update" : "pipemare_delta", &delta_}};
 }
 
 double StageWorker::update_loss() const {
@@ -127,7 +214,9 @@ StageMemory StageWorker::memory() const {
   m.weights = w;
   m.gradients = w;
   for (const auto& s : stash_) m.weight_versions += s.w.size() * sizeof(float);
-  m.optimizer = (adamw_.m().size() + adamw_.v().size()) * sizeof(float);
+  for (const auto& [name, buf] : const_cast<Optimizer&>(*optim_).state_tensors())
+    m.optimizer += buf->size() * sizeof(float);
+  m.corrections = (delta_.size() + prev_w_.size() + shifted_.size()) * sizeof(float);
   m.activations = stage_.activation_bytes();
   return m;
 }

@@ -6,10 +6,12 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "model/config.h"
-#include "optim/adamw.h"
+#include "optim/optimizer.h"
 #include "pipeline/stage.h"
 
 namespace pipenag {
@@ -22,6 +24,7 @@ struct StageOptions {
   int first_unit = 0;       // units [first_unit, last_unit) of the model
   int last_unit = 0;
   int slots = 1;            // micro-batches in flight at most
+  int stages = 1;           // P
   int delay = 0;            // tau_k of the schedule
   bool stash = true;        // backward under the weights its forward used
   bool recompute = false;   // keep only the stage input; rerun the forward in the backward
@@ -34,8 +37,11 @@ struct StageMemory {
   size_t weight_versions = 0;   // stashed older versions
   size_t gradients = 0;
   size_t optimizer = 0;         // optimizer state
+  size_t corrections = 0;       // PipeMare's delta / SpecTrain's smoothed update and buffers
   size_t activations = 0;       // saved activations of in-flight micro-batches
-  size_t total() const { return weights + weight_versions + gradients + optimizer + activations; }
+  size_t total() const {
+    return weights + weight_versions + gradients + optimizer + corrections + activations;
+  }
 };
 
 // Weight versions seen by one micro-batch: the stage's update count at its forward and the
@@ -53,8 +59,10 @@ class StageWorker {
   const StageOptions& options() const { return opt_; }
   Stage& stage() { return stage_; }
   const Stage& stage() const { return stage_; }
-  AdamW& optimizer() { return adamw_; }
-  const AdamW& optimizer() const { return adamw_; }
+  Optimizer& optimizer() { return *optim_; }
+  const Optimizer& optimizer() const { return *optim_; }
+  // State of the staleness corrections, by name, for checkpoints ("pipemare_delta", ...).
+  std::vector<std::pair<std::string, std::vector<float>*>> correction_state();
   bool is_first() const { return stage_.has_embedding(); }
   bool is_last() const { return stage_.has_head(); }
   size_t boundary_floats() const { return stage_.boundary_floats(); }
@@ -71,9 +79,17 @@ class StageWorker {
   // Backward of micro-batch mb; `dout` is the gradient of this stage's output (ignored on the
   // last stage). Returns the gradient of the stage input (nullptr on the first stage).
   const float* backward(int64_t mb, const float* dout);
-  // Clips this stage's gradient by its own norm, applies the optimizer at the scheduled learning
-  // rate of the current version, zeroes the gradient, and advances the version.
-  void step();
+  // Sum of squares of the stage's gradient (for a global norm over stages).
+  double grad_sumsq() const;
+  // Clips the gradient by its norm (this stage's own, or sqrt(global_sumsq) when >= 0), applies
+  // the optimizer at the stage's learning rate for the current version, updates the
+  // corrections' state, zeroes the gradient, and advances the version.
+  void step(double global_sumsq = -1.0);
+  // The learning rate update `version` of this stage uses: the warm-up + cosine schedule, divided
+  // by tau_k^rho (optim.stage_lr_rho) and by tau_k^(1 - min(t/T, 1)) (optim.lr_reschedule).
+  double stage_lr(int64_t version) const;
+  // The momentum coefficient of this stage's optimizer settings (optim.stage_momentum).
+  double stage_beta1() const { return beta1_; }
 
   // Last stage: sum and count of token losses since the last step (the update's loss).
   double update_loss() const;
@@ -97,10 +113,17 @@ class StageWorker {
   const float* weights_of_version(int64_t v) const;
   void stash_current_if_needed();
 
+  // The weights a forward (SpecTrain) or backward (PipeMare) runs on when a correction shifts them.
+  const float* shifted_weights(bool forward);
+
   Config cfg_;
   StageOptions opt_;
   Stage stage_;
-  AdamW adamw_;
+  double beta1_ = 0.0;
+  std::unique_ptr<Optimizer> optim_;
+  std::vector<float> delta_;    // PipeMare: EMA of w_new - w_old; SpecTrain: EMA of (w_old - w_new)/lr
+  std::vector<float> prev_w_;   // the weights before the last update (corrections only)
+  std::vector<float> shifted_;  // corrected weights for the action being run
   BatchSource batches_;
   int64_t version_ = 0;
   std::vector<InFlight> in_flight_;                  // per slot

@@ -146,28 +146,46 @@ std::vector<TraceEvent> read_trace(const std::string& path, int* stages) {
   return out;
 }
 
-TraceSummary summarize_trace(const std::vector<TraceEvent>& events, int stages, double from, double to) {
+TraceSummary summarize_trace(const std::vector<TraceEvent>& events, int stages, double from,
+                             double to, int skip_updates) {
   TraceSummary s;
   double lo = 1e300, hi = -1e300;
+  std::vector<double> step_ends;  // of the last stage
   for (const auto& e : events) {
     lo = std::min(lo, e.start);
     hi = std::max(hi, e.end);
+    if (e.kind == 'S' && e.stage == stages - 1) step_ends.push_back(e.end);
   }
-  const double a = std::max(from, lo), b = to < 0 ? hi : std::min(to, hi);
+  std::sort(step_ends.begin(), step_ends.end());
+  double a = std::max(from, lo), b = to < 0 ? hi : std::min(to, hi);
+  if (skip_updates > 0) {
+    const auto k = static_cast<size_t>(skip_updates);
+    if (step_ends.size() < 2 * k + 2)
+      throw Error("trace: --skip-updates " + std::to_string(skip_updates) + " leaves no window (" +
+                  std::to_string(step_ends.size()) + " updates in the trace)");
+    a = step_ends[k - 1];
+    b = step_ends[step_ends.size() - k];
+  }
   if (b <= a) throw Error("trace: the window [" + std::to_string(from) + ", " + std::to_string(to) +
                           "] holds no events");
+  s.from = a;
+  s.to = b;
   s.busy.assign(static_cast<size_t>(stages), 0.0);
   s.wait.assign(static_cast<size_t>(stages), 0.0);
   for (const auto& e : events) {
     const double d = std::max(0.0, std::min(e.end, b) - std::max(e.start, a));
     (e.kind == 'W' ? s.wait : s.busy)[static_cast<size_t>(e.stage)] += d;
   }
+  for (double t : step_ends) s.updates += t > a && t <= b;
+  s.updates_per_s = static_cast<double>(s.updates) / (b - a);
   double busy = 0;
   for (double x : s.busy) busy += x;
   s.utilization = busy / (static_cast<double>(stages) * (b - a));
-  char buf[200];
-  std::snprintf(buf, sizeof buf, "window %.3f-%.3f s: utilisation %.1f%%, bubble %.1f%%\n", a, b,
-                100.0 * s.utilization, 100.0 * (1.0 - s.utilization));
+  char buf[240];
+  std::snprintf(buf, sizeof buf,
+                "window %.3f-%.3f s: %lld updates (%.3f/s), utilisation %.1f%%, bubble %.1f%%\n", a, b,
+                static_cast<long long>(s.updates), s.updates_per_s, 100.0 * s.utilization,
+                100.0 * (1.0 - s.utilization));
   s.text = buf;
   s.text += "| stage | busy s | waiting s | idle s | utilisation |\n|---:|---:|---:|---:|---:|\n";
   for (int k = 0; k < stages; ++k) {
@@ -180,20 +198,14 @@ TraceSummary summarize_trace(const std::vector<TraceEvent>& events, int stages, 
 }
 
 TraceSummary render_trace(const std::string& trace_path, const std::string& svg_path, double from,
-                          double to) {
+                          double to, int skip_updates) {
   int P = 0;
   const auto ev = read_trace(trace_path, &P);
-  TraceSummary s = summarize_trace(ev, P, from, to);
-  double lo = 1e300, hi = -1e300;
-  for (const auto& e : ev) {
-    lo = std::min(lo, e.start);
-    hi = std::max(hi, e.end);
-  }
-  const double a = std::max(from, lo), b = to < 0 ? hi : std::min(to, hi);
-  char title[160];
-  std::snprintf(title, sizeof title, "%s: %d stages, utilisation %.1f%%", trace_path.c_str(), P,
-                100.0 * s.utilization);
-  write_file_atomic(svg_path, timeline_svg(ev, P, title, a, b, "s"));
+  TraceSummary s = summarize_trace(ev, P, from, to, skip_updates);
+  char title[200];
+  std::snprintf(title, sizeof title, "%s: %d stages, utilisation %.1f%% in %.2f-%.2f s",
+                trace_path.c_str(), P, 100.0 * s.utilization, s.from, s.to);
+  write_file_atomic(svg_path, timeline_svg(ev, P, title, s.from, s.to, "s"));
   return s;
 }
 

@@ -20,13 +20,20 @@ std::string schedule_svg(const Schedule& s);
 std::vector<TraceEvent> read_trace(const std::string& path, int* stages);
 
 struct TraceSummary {
+  double from = 0, to = 0;         // the window, seconds
   double utilization = 0;          // sum of compute time / (stages * window)
+  int64_t updates = 0;             // steps of the last stage that ended inside the window
+  double updates_per_s = 0;
   std::vector<double> busy, wait;  // per stage, seconds in the window
   std::string text;                // a table of the above
 };
-// Utilisation in the window [from, to] (to < 0: the trace's end) and the SVG written to `svg`.
-TraceSummary summarize_trace(const std::vector<TraceEvent>& events, int stages, double from, double to);
+// Utilisation in the window [from, to] (to < 0: the trace's end). With skip_updates = K > 0 the
+// window is instead the steady state: from the end of the last stage's K-th update to the end
+// of its K-th-from-last, whole update periods without the pipeline's fill and drain.
+TraceSummary summarize_trace(const std::vector<TraceEvent>& events, int stages, double from,
+                             double to, int skip_updates = 0);
+// As summarize_trace on a trace file, and the SVG of the window written to `svg_path`.
 TraceSummary render_trace(const std::string& trace_path, const std::string& svg_path, double from,
-                          double to);
+                          double to, int skip_updates = 0);
 
 }  // namespace pipenag

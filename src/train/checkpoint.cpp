@@ -53,7 +53,7 @@ std::string model_config_difference(const ModelConfig& there, const ModelConfig&
 void save_checkpoint(const std::string& dir, const Config& cfg, const std::vector<StagePart>& parts,
                      const TrainState& st) {
   if (parts.empty()) throw Error("save_checkpoint: no stages");
-  const AdamW* opt = parts[0].opt;
+  const Optimizer* opt = parts[0].opt;
   const fs::path final_dir(dir);
   const std::string tmp = dir + ".tmp." + std::to_string(::getpid());
   std::error_code ec;
@@ -68,16 +68,21 @@ void save_checkpoint(const std::string& dir, const Config& cfg, const std::vecto
         model.add(p.name, Dtype::F32, p.shape, part.stage->params() + p.offset);
     model.write(tmp + "/model.safetensors");
 
+    nlohmann::json scalars = nlohmann::json::array();
     if (opt) {
       SafetensorsWriter o;
-      o.set_metadata("optimizer", "adamw");
+      o.set_metadata("optimizer", opt->name());
       o.set_metadata("step", std::to_string(opt->step_count()));
       for (const auto& part : parts) {
         if (!part.opt) throw Error("save_checkpoint: a stage without its optimizer");
-        for (const auto& p : part.stage->param_table()) {
-          o.add("exp_avg." + p.name, Dtype::F32, p.shape, part.opt->m().data() + p.offset);
-          o.add("exp_avg_sq." + p.name, Dtype::F32, p.shape, part.opt->v().data() + p.offset);
-        }
+        auto buffers = part.opt->state_tensors();
+        buffers.insert(buffers.end(), part.extra.begin(), part.extra.end());
+        for (const auto& [state, buf] : buffers)
+          for (const auto& p : part.stage->param_table())
+            o.add(state + "." + p.name, Dtype::F32, p.shape, buf->data() + p.offset);
+        nlohmann::json sc = nlohmann::json::object();
+        for (const auto& [name, v] : part.opt->state_scalars()) sc[name] = *v;
+        scalars.push_back(sc);
       }
       o.write(tmp + "/optimizer.safetensors");
     }
@@ -89,6 +94,10 @@ void save_checkpoint(const std::string& dir, const Config& cfg, const std::vecto
     state["data_position"] = st.data_position;
     state["tokens"] = st.tokens;
     state["optimizer_step"] = opt ? opt->step_count() : 0;
+    if (opt) {
+      state["optimizer"] = opt->name();
+      state["optimizer_scalars"] = scalars;  // per stage
+    }
     state["pipeline"] = {{"stages", cfg.pipeline.stages},
                          {"blocks_per_stage", blocks_per_stage(cfg.model, cfg.pipeline)},
                          {"schedule", cfg.pipeline.schedule}};
@@ -181,14 +190,31 @@ void load_checkpoint(const std::string& dir, const Config& cfg, const std::vecto
     for (const auto& p : part.stage->param_table())
       copy_f32(model, p.name, p.shape, part.stage->params() + p.offset);
   std::unique_ptr<SafetensorsFile> o;
-  for (const auto& part : parts) {
+  for (size_t k = 0; k < parts.size(); ++k) {
+    const StagePart& part = parts[k];
     if (!part.opt) continue;
-    if (!o) o = std::make_unique<SafetensorsFile>(SafetensorsFile::open(dir + "/optimizer.safetensors"));
-    for (const auto& p : part.stage->param_table()) {
-      copy_f32(*o, "exp_avg." + p.name, p.shape, part.opt->m().data() + p.offset);
-      copy_f32(*o, "exp_avg_sq." + p.name, p.shape, part.opt->v().data() + p.offset);
+    if (!o) {
+      const std::string there_opt = j.value("optimizer", std::string("adamw"));
+      if (there_opt != part.opt->name())
+        throw Error(dir + ": checkpoint was trained with optimizer " + there_opt + ", this run uses " +
+                    part.opt->name() + " (optim.name)");
+      o = std::make_unique<SafetensorsFile>(SafetensorsFile::open(dir + "/optimizer.safetensors"));
     }
+    auto buffers = part.opt->state_tensors();
+    buffers.insert(buffers.end(), part.extra.begin(), part.extra.end());
+    for (const auto& [state, buf] : buffers)
+      for (const auto& p : part.stage->param_table())
+        copy_f32(*o, state + "." + p.name, p.shape, buf->data() + p.offset);
     part.opt->set_step_count(j.value("optimizer_step", int64_t{0}));
+    const auto scalars = part.opt->state_scalars();
+    if (!scalars.empty()) {
+      try {
+        const auto& sc = j.at("optimizer_scalars").at(k);
+        for (const auto& [name, v] : scalars) *v = sc.at(name).get<double>();
+      } catch (const nlohmann::json::exception& e) {
+        throw Error(dir + "/state.json: missing or bad optimizer_scalars (" + std::string(e.what()) + ")");
+      }
+    }
   }
   if (st) {
     try {

@@ -1,7 +1,9 @@
 // Checkpoints: a folder with
 //   model.safetensors      every weight under its PyTorch/nanoGPT name (loadable by PyTorch)
-//   optimizer.safetensors  AdamW moments "exp_avg.<name>", "exp_avg_sq.<name>"
-//   state.json             format version, step, data position, tokens seen, the full config
+//   optimizer.safetensors  optimizer state "<state>.<name>" (AdamW/NAdamW: exp_avg, exp_avg_sq)
+//                          and correction state (pipemare_delta / spectrain_update) per weight
+//   state.json             format version, step, data position, tokens seen, stage layout,
+//                          optimizer name and scalars per stage, the full config
 // written into a temporary folder and swapped in with one rename, so <out>/checkpoint is always
 // a complete checkpoint (the previous one until the new one is whole). See docs/FORMATS.md.
 #pragma once
@@ -10,7 +12,7 @@
 #include <vector>
 
 #include "model/config.h"
-#include "optim/adamw.h"
+#include "optim/optimizer.h"
 #include "pipeline/stage.h"
 
 namespace pipenag {
@@ -26,17 +28,15 @@ struct TrainState {
 // same whatever the cut.
 struct StagePart {
   Stage* stage;
-  AdamW* opt;  // may be null
+  Optimizer* opt = nullptr;  // may be null (eval, sample: weights only)
+  std::vector<std::pair<std::string, std::vector<float>*>> extra;  // correction state
 };
 
 // Written at a drain point: no micro-batch in flight, every stage at the same update count.
 // state.json also records the stage layout (pipeline.stages and blocks per stage).
 void save_checkpoint(const std::string& dir, const Config& cfg, const std::vector<StagePart>& parts,
                      const TrainState& st);
-inline void save_checkpoint(const std::string& dir, const Config& cfg, const Stage& stage,
-                            const AdamW* opt, const TrainState& st) {
-  save_checkpoint(dir, cfg, {StagePart{const_cast<Stage*>(&stage), const_cast<AdamW*>(opt)}}, st);
-}
+
 
 // The config stored in a checkpoint (Error if the folder is not a readable checkpoint).
 Config read_checkpoint_config(const std::string& dir);
@@ -46,9 +46,9 @@ Config read_checkpoint_config(const std::string& dir);
 // With `st` (resuming training), the checkpoint's stage layout must equal cfg's.
 void load_checkpoint(const std::string& dir, const Config& cfg, const std::vector<StagePart>& parts,
                      TrainState* st);
-inline void load_checkpoint(const std::string& dir, const Config& cfg, Stage& stage, AdamW* opt,
-                            TrainState* st) {
-  load_checkpoint(dir, cfg, {StagePart{&stage, opt}}, st);
+// Weights only, into one stage holding the whole model (eval, sample).
+inline void load_weights(const std::string& dir, const Config& cfg, Stage& stage) {
+  load_checkpoint(dir, cfg, {StagePart{&stage, nullptr, {}}}, nullptr);
 }
 
 // "" when equal, else a description of the first difference ("model.n_layer is 4 there, 6 here").

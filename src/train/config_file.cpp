@@ -8,6 +8,8 @@
 #include <toml++/toml.h>
 
 #include "io/atomic_file.h"
+#include "optim/optimizer.h"
+#include "train/methods.h"
 #include "util/error.h"
 
 namespace pipenag {
@@ -31,11 +33,8 @@ const std::vector<ConfigKey> kKeys = {
     PIPENAG_CONFIG_KEY(train, lr, "peak learning rate"),
     PIPENAG_CONFIG_KEY(train, warmup_steps, "linear warm-up steps from 0 to lr"),
     PIPENAG_CONFIG_KEY(train, min_lr_ratio, "cosine decays to lr * min_lr_ratio at the last step"),
-    PIPENAG_CONFIG_KEY(train, weight_decay, "decoupled (AdamW) weight decay"),
-    PIPENAG_CONFIG_KEY(train, beta1, "Adam first-moment decay"),
-    PIPENAG_CONFIG_KEY(train, beta2, "Adam second-moment decay"),
-    PIPENAG_CONFIG_KEY(train, eps, "Adam denominator epsilon"),
-    PIPENAG_CONFIG_KEY(train, clip, "gradient-norm clipping threshold (<= 0 disables)"),
+    PIPENAG_CONFIG_KEY(train, clip, "gradient-norm clipping threshold, each stage its own gradient (<= 0 disables)"),
+    PIPENAG_CONFIG_KEY(train, clip_global, "gpipe/1f1b: clip by the norm over all stages instead"),
     PIPENAG_CONFIG_KEY(train, seed, "data order seed"),
     PIPENAG_CONFIG_KEY(train, eval_every, "steps between evaluations (0 disables)"),
     PIPENAG_CONFIG_KEY(train, eval_batches, "validation batches per evaluation"),
@@ -56,6 +55,22 @@ const std::vector<ConfigKey> kKeys = {
     PIPENAG_CONFIG_KEY(pipeline, engine, "\"sequential\" (one thread) or \"threads\" (one thread per stage)"),
     PIPENAG_CONFIG_KEY(pipeline, stash, "async-1f1b: backward under the weights its forward used"),
     PIPENAG_CONFIG_KEY(pipeline, recompute, "keep only stage inputs and recompute the forward in the backward"),
+    PIPENAG_CONFIG_KEY(optim, name, "sgd | nag | adamw | nadamw | nag-delay"),
+    PIPENAG_CONFIG_KEY(optim, beta1, "momentum (sgd, nag) or first-moment decay (adamw, nadamw)"),
+    PIPENAG_CONFIG_KEY(optim, beta2, "second-moment decay (adamw, nadamw, adaptive nag-delay)"),
+    PIPENAG_CONFIG_KEY(optim, eps, "denominator epsilon"),
+    PIPENAG_CONFIG_KEY(optim, weight_decay, "decoupled weight decay, all parameters"),
+    PIPENAG_CONFIG_KEY(optim, momentum_decay, "nadamw: psi of mu_t = beta1 (1 - 0.5 * 0.96^(t psi))"),
+    PIPENAG_CONFIG_KEY(optim, gamma, "nag-delay: momentum gamma of Eq. 10"),
+    PIPENAG_CONFIG_KEY(optim, gamma_theory, "nag-delay: gamma_t = (t-2)/t instead of gamma"),
+    PIPENAG_CONFIG_KEY(optim, adaptive, "nag-delay: Adam-style second-moment scaling"),
+    PIPENAG_CONFIG_KEY(optim, lr_reschedule, "async: eta_k(t) = eta / tau_k^(1 - min(t/T, 1)) (PipeMare)"),
+    PIPENAG_CONFIG_KEY(optim, lr_reschedule_steps, "T of lr_reschedule (0: train.warmup_steps)"),
+    PIPENAG_CONFIG_KEY(optim, pipemare, "async, no stash: backward on w - tau_k * delta (PipeMare)"),
+    PIPENAG_CONFIG_KEY(optim, spectrain, "async, no stash: forward on w - tau_k * lr * smoothed update (SpecTrain)"),
+    PIPENAG_CONFIG_KEY(optim, delta_decay, "EMA coefficient of PipeMare's delta and SpecTrain's smoothed update"),
+    PIPENAG_CONFIG_KEY(optim, stage_momentum, "async: beta1_k = beta1 + tau_k (0.99 - beta1) / P (Ours-No-WS)"),
+    PIPENAG_CONFIG_KEY(optim, stage_lr_rho, "async: eta_k = eta / tau_k^rho for tau_k >= 1 (0: off)"),
     PIPENAG_CONFIG_KEY(out, dir, "output directory for checkpoints and logs"),
 };
 
@@ -263,10 +278,31 @@ void assign(const ConfigKey& k, Config& cfg, const toml::node& node, std::string
       k.field(cfg));
 }
 
+void apply_override_impl(Config& cfg, std::string_view assignment);
+
+// A method preset: its settings first, so that keys given explicitly win over it.
+void apply_method(Config& cfg, const std::string& name, std::string_view where) {
+  const Method* m = nullptr;
+  try {
+    m = &find_method(name);
+  } catch (const Error& e) {
+    throw Error(std::string(where) + ": " + e.what());
+  }
+  for (const auto& setting : m->settings) apply_override_impl(cfg, setting);
+  cfg.method = name;
+}
+
 void apply_table(Config& cfg, const toml::table& root, std::string_view where) {
   const auto secs = sections();
+  if (const toml::node* m = root.get("method")) {
+    const auto* v = m->as_string();
+    if (!v) throw Error(std::string(where) + ": method must be a string, got " +
+                        std::string(toml_type_name(*m)));
+    apply_method(cfg, v->get(), where);
+  }
   for (const auto& [sec_key, sec_node] : root) {
     const std::string_view sec = sec_key.str();
+    if (sec == "method") continue;
     if (std::find(secs.begin(), secs.end(), sec) == secs.end()) {
       if (sec_node.is_table())
         throw Error(std::string(where) + ": unknown section '[" + std::string(sec) + "]'" +
@@ -330,6 +366,12 @@ void apply_override_impl(Config& cfg, std::string_view assignment) {
   if (eq == std::string_view::npos) throw Error(where + ": expected section.key=value");
   const std::string_view full = trim(assignment.substr(0, eq));
   const std::string_view text = trim(assignment.substr(eq + 1));
+  if (full == "method") {
+    std::string name(text);
+    if (name.size() >= 2 && name.front() == '"' && name.back() == '"') name = name.substr(1, name.size() - 2);
+    apply_method(cfg, name, where);
+    return;
+  }
   const auto dot = full.find('.');
   if (dot == std::string_view::npos) {
     if (full.empty()) throw Error(where + ": expected section.key=value");
@@ -447,14 +489,6 @@ void validate(const Config& cfg) {
   check_min<int64_t>("train.log_every", t.log_every, 1);
   check_min("train.threads", t.threads, 0);
   if (t.lr < 0) invalid("train.lr must be >= 0, got " + format_double(t.lr));
-  if (t.weight_decay < 0)
-    invalid("train.weight_decay must be >= 0, got " + format_double(t.weight_decay));
-  if (t.beta1 < 0 || t.beta1 >= 1)
-    invalid("train.beta1 must be in [0, 1), got " + format_double(t.beta1));
-  if (t.beta2 < 0 || t.beta2 >= 1)
-    invalid("train.beta2 must be in [0, 1), got " + format_double(t.beta2));
-  // Adam divides by sqrt(v) + eps, and v is 0 for a parameter whose gradient has been 0.
-  if (t.eps <= 0) invalid("train.eps must be > 0, got " + format_double(t.eps));
   if (t.min_lr_ratio < 0 || t.min_lr_ratio > 1)
     invalid("train.min_lr_ratio must be in [0, 1], got " + format_double(t.min_lr_ratio));
 
@@ -498,6 +532,49 @@ void validate(const Config& cfg) {
   if (m.tie_embeddings && p.stages > 1)
     invalid("model.tie_embeddings needs the embedding and the head on one stage (pipeline.stages = 1)");
 
+  const OptimConfig& o = cfg.optim;
+  const auto& names = optimizer_names();
+  if (std::find(names.begin(), names.end(), o.name) == names.end())
+    invalid("unknown optimizer optim.name = \"" + one_line(o.name) +
+            "\" (expected sgd, nag, adamw, nadamw or nag-delay)");
+  const auto unit = [](const char* key, double v) {
+    if (v < 0 || v >= 1) invalid(std::string(key) + " must be in [0, 1), got " + format_double(v));
+  };
+  unit("optim.beta1", o.beta1);
+  unit("optim.beta2", o.beta2);
+  unit("optim.gamma", o.gamma);
+  unit("optim.delta_decay", o.delta_decay);
+  // Adam divides by sqrt(v) + eps, and v is 0 for a parameter whose gradient has been 0.
+  if (o.eps <= 0) invalid("optim.eps must be > 0, got " + format_double(o.eps));
+  if (o.weight_decay < 0) invalid("optim.weight_decay must be >= 0, got " + format_double(o.weight_decay));
+  if (o.momentum_decay < 0)
+    invalid("optim.momentum_decay must be >= 0, got " + format_double(o.momentum_decay));
+  if (o.stage_lr_rho < 0) invalid("optim.stage_lr_rho must be >= 0, got " + format_double(o.stage_lr_rho));
+  check_min<int64_t>("optim.lr_reschedule_steps", o.lr_reschedule_steps, 0);
+  if ((o.gamma_theory || o.adaptive) && o.name != "nag-delay")
+    invalid(std::string(o.gamma_theory ? "optim.gamma_theory" : "optim.adaptive") +
+            " only applies to optim.name = \"nag-delay\", not \"" + o.name + "\"");
+  // Corrections act on a delay; synchronous schedules have none.
+  const bool async = p.schedule == "async-1f1b";
+  for (const auto& [on, key] : std::vector<std::pair<bool, const char*>>{
+           {o.lr_reschedule, "optim.lr_reschedule"}, {o.pipemare, "optim.pipemare"},
+           {o.spectrain, "optim.spectrain"}, {o.stage_momentum, "optim.stage_momentum"},
+           {o.stage_lr_rho > 0, "optim.stage_lr_rho"}})
+    if (on && !async)
+      invalid(std::string(key) + " corrects a gradient delay, but pipeline.schedule \"" +
+              p.schedule + "\" has none (use \"async-1f1b\")");
+  if (o.pipemare && p.stash)
+    invalid("optim.pipemare estimates the forward's weights, which pipeline.stash already keeps: "
+            "set pipeline.stash = false");
+  if (o.spectrain && p.stash)
+    invalid("optim.spectrain predicts the weights the update will apply to; with pipeline.stash "
+            "the backward would not use them: set pipeline.stash = false");
+  if (o.pipemare && o.spectrain)
+    invalid("optim.pipemare and optim.spectrain are two alternative corrections: choose one");
+  if (t.clip_global && async)
+    invalid("train.clip_global needs a synchronous schedule (gpipe or 1f1b): async-1f1b stages "
+            "update at different times");
+
   if (cfg.out.dir.empty()) invalid("out.dir must not be empty");
 }
 
@@ -505,6 +582,8 @@ std::string config_to_toml(const Config& cfg) {
   std::string out =
       "# pipenag configuration: every key, with its value in this run.\n"
       "# `pipenag train --config <this file>` reproduces the settings.\n";
+  if (!cfg.method.empty())
+    out += "\nmethod = " + toml_quote(cfg.method) + "  # preset applied first (`pipenag methods`)\n";
   std::string_view section;
   for (const auto& k : kKeys) {
     if (k.section != section) {
@@ -519,6 +598,7 @@ std::string config_to_toml(const Config& cfg) {
 
 nlohmann::json config_to_json(const Config& cfg) {
   nlohmann::json j = nlohmann::json::object();
+  j["method"] = cfg.method;
   for (const auto& k : kKeys) {
     nlohmann::json& slot = j[std::string(k.section)][std::string(k.key)];
     std::visit(

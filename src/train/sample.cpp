@@ -41,7 +41,7 @@ std::string sample_text(const std::string& checkpoint_dir, const SampleOptions& 
   const int n_real = tok->vocab_size();
   // The whole model except the head runs as a stage; the head is applied to one row by hand.
   Stage stage(m, 0, m.n_layer + 2, 1, 1);
-  load_checkpoint(checkpoint_dir, cfg, stage, nullptr, nullptr);
+  load_weights(checkpoint_dir, cfg, stage);
   const int T = m.block_size, C = m.n_embd, V = m.vocab_size;
   const float* w = stage.params();
   const float* lnw = w + find_param(stage, "transformer.ln_f.weight").offset;

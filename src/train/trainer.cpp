@@ -19,7 +19,6 @@
 #include "data/tokenizer.h"
 #include "io/atomic_file.h"
 #include "model/units.h"
-#include "optim/adamw.h"
 #include "optim/grad_clip.h"
 #include "optim/lr_schedule.h"
 #include "pipeline/engine.h"
@@ -223,6 +222,7 @@ std::vector<std::unique_ptr<StageWorker>> make_workers(const Config& cfg) {
     o.first_unit = bounds[static_cast<size_t>(k)];
     o.last_unit = bounds[static_cast<size_t>(k) + 1];
     o.slots = slots[static_cast<size_t>(k)];
+    o.stages = P;
     o.delay = stage_delay(kind, P, k);
     o.stash = cfg.pipeline.stash;
     o.recompute = cfg.pipeline.recompute;
@@ -259,7 +259,7 @@ TrainResult train(const Config& cfg, const TrainOptions& opt) {
   size_t n_params = 0;
   for (auto& w : workers) {
     ws.push_back(w.get());
-    parts.push_back({&w->stage(), &w->optimizer()});
+    parts.push_back({&w->stage(), &w->optimizer(), w->correction_state()});
     n_params += w->stage().num_params();
   }
   TrainState st;
@@ -348,6 +348,7 @@ TrainResult train(const Config& cfg, const TrainOptions& opt) {
     eo.kind = engine;
     eo.blas_threads = blas_threads;
     eo.trace = !opt.trace.empty();
+    eo.global_clip = cfg.train.clip_global;
     eo.epoch = run_start;
     EngineHooks hooks;
     auto last_step_time = std::chrono::steady_clock::now();
@@ -391,7 +392,8 @@ TrainResult train(const Config& cfg, const TrainOptions& opt) {
                      {"utilization_kind", engine == EngineKind::Threads ? "measured" : "modelled"}});
     }
     if (!memory_reported) {
-      // After the first segment the weight stashes have grown to their steady size.
+      // After the first segment: the stashes hold what that segment needed (tau_k versions once
+      // a segment is at least 2 tau_k updates long).
       memory_reported = true;
       nlohmann::json mem = nlohmann::json::array();
       std::string line = "memory per stage (weights + versions + grads + optimizer + activations):";
@@ -438,7 +440,7 @@ EvalResult evaluate_checkpoint(const std::string& checkpoint_dir, const Config& 
   Data data = load_data(cfg);
   Stage stage(cfg.model, 0, cfg.model.n_layer + 2, cfg.train.batch_size, 1);
   stage.set_bf16(cfg.train.bf16);
-  load_checkpoint(checkpoint_dir, cfg, stage, nullptr, nullptr);
+  load_weights(checkpoint_dir, cfg, stage);
   std::vector<int32_t> x(stage.boundary_floats() / static_cast<size_t>(cfg.model.n_embd));
   std::vector<int32_t> y(x.size());
   EvalResult r;

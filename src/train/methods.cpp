@@ -1,0 +1,71 @@
+#include "train/methods.h"
+
+#include "util/error.h"
+
+namespace pipenag {
+namespace {
+
+// Every preset sets every correction, so a preset alone fully describes the method.
+#define PIPENAG_CORRECTIONS_OFF                                                              \
+  "optim.lr_reschedule=false", "optim.pipemare=false", "optim.spectrain=false",              \
+      "optim.stage_momentum=false", "optim.stage_lr_rho=0.0", "optim.gamma_theory=false",     \
+      "optim.adaptive=false"
+
+const std::vector<Method> kMethods = {
+    {"gpipe", "synchronous GPipe: 4 micro-batches per update, flush, AdamW (beta1 0.9)",
+     {"pipeline.schedule=\"gpipe\"", "pipeline.microbatches=4", "pipeline.stash=true",
+      "optim.name=\"adamw\"", "optim.beta1=0.9", PIPENAG_CORRECTIONS_OFF}},
+    {"pipedream", "asynchronous 1F1B with weight stashing, AdamW (beta1 0.9)",
+     {"pipeline.schedule=\"async-1f1b\"", "pipeline.microbatches=1", "pipeline.stash=true",
+      "optim.name=\"adamw\"", "optim.beta1=0.9", PIPENAG_CORRECTIONS_OFF}},
+    {"pipedream-lr", "PipeDream plus PipeMare's learning-rate rescheduling eta/tau_k^(1-min(t/T,1))",
+     {"pipeline.schedule=\"async-1f1b\"", "pipeline.microbatches=1", "pipeline.stash=true",
+      "optim.name=\"adamw\"", "optim.beta1=0.9", PIPENAG_CORRECTIONS_OFF,
+      "optim.lr_reschedule=true"}},
+    {"pipemare", "no stashing; lr rescheduling plus discrepancy correction (backward on w - tau_k delta)",
+     {"pipeline.schedule=\"async-1f1b\"", "pipeline.microbatches=1", "pipeline.stash=false",
+      "optim.name=\"adamw\"", "optim.beta1=0.9", PIPENAG_CORRECTIONS_OFF,
+      "optim.lr_reschedule=true", "optim.pipemare=true"}},
+    {"spectrain", "no stashing; forward on predicted weights w - tau_k lr (smoothed update), AdamW",
+     {"pipeline.schedule=\"async-1f1b\"", "pipeline.microbatches=1", "pipeline.stash=false",
+      "optim.name=\"adamw\"", "optim.beta1=0.9", PIPENAG_CORRECTIONS_OFF, "optim.spectrain=true"}},
+    {"nesterov", "the paper's method: asynchronous 1F1B, weight stashing, NAdamW with beta1 0.99",
+     {"pipeline.schedule=\"async-1f1b\"", "pipeline.microbatches=1", "pipeline.stash=true",
+      "optim.name=\"nadamw\"", "optim.beta1=0.99", PIPENAG_CORRECTIONS_OFF}},
+    {"nesterov-nows",
+     "Ours-No-WS: no stashing, NAdamW with beta1_k = 0.9 + tau_k (0.99 - 0.9)/P and eta_k = eta/tau_k^0.5",
+     {"pipeline.schedule=\"async-1f1b\"", "pipeline.microbatches=1", "pipeline.stash=false",
+      "optim.name=\"nadamw\"", "optim.beta1=0.9", PIPENAG_CORRECTIONS_OFF,
+      "optim.stage_momentum=true", "optim.stage_lr_rho=0.5"}},
+    {"nesterov-eq10",
+     "Eq. 10 written out: asynchronous 1F1B, stashing, nag-delay with constant gamma 0.99 and Adam scaling",
+     {"pipeline.schedule=\"async-1f1b\"", "pipeline.microbatches=1", "pipeline.stash=true",
+      "optim.name=\"nag-delay\"", "optim.gamma=0.99", PIPENAG_CORRECTIONS_OFF,
+      "optim.adaptive=true"}},
+};
+
+#undef PIPENAG_CORRECTIONS_OFF
+
+}  // namespace
+
+const std::vector<Method>& methods() { return kMethods; }
+
+const Method& find_method(std::string_view name) {
+  for (const auto& m : kMethods)
+    if (m.name == name) return m;
+  std::string known;
+  for (const auto& m : kMethods) known += (known.empty() ? "" : ", ") + std::string(m.name);
+  throw Error("unknown method '" + std::string(name) + "' (known: " + known + ")");
+}
+
+std::string describe_methods() {
+  std::string out;
+  for (const auto& m : kMethods) {
+    out += std::string(m.name) + ": " + std::string(m.description) + "\n   ";
+    for (const auto& s : m.settings) out += " " + std::string(s);
+    out += "\n";
+  }
+  return out;
+}
+
+}  // namespace pipenag
