@@ -23,56 +23,13 @@ namespace {
 
 using namespace pipenag::testutil;
 
-class Cli : public ::testing::Test {
+class Cli : public BinaryTest {
  protected:
   void SetUp() override {
-    dir_ = fresh_test_dir("pipenag_cli");
-    write_word_corpus(dir_ / "corpus");
-    spit(dir_ / "tiny.toml", R"([model]
-n_layer = 2
-n_embd = 32
-n_head = 2
-block_size = 32
-vocab_size = 256
-[train]
-steps = 8
-batch_size = 4
-lr = 3e-3
-warmup_steps = 2
-eval_every = 4
-eval_batches = 2
-threads = 2
-[data]
-input = ")" + (dir_ / "corpus").string() + R"("
-val_fraction = 0.2
-[out]
-dir = ")" + (dir_ / "out").string() + "\"\n");
-  }
-  void TearDown() override {
-    if (!HasFailure()) fs::remove_all(dir_);
-  }
-
-  RunResult run(const std::string& args) {
-    return run_command(std::string(PIPENAG_BINARY) + " " + args, dir_);
-  }
-  // A failing command: non-zero exit, no crash, exactly one line "pipenag: ..." on stderr.
-  void expect_error(const std::string& args, const std::string& needle) {
-    const RunResult r = run(args);
-    EXPECT_NE(r.code, 0) << args;
-    EXPECT_LT(r.code, 128) << "crashed: " << args;
-    EXPECT_THAT(r.err, StartsWith("pipenag: ")) << args;
-    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
-    EXPECT_THAT(r.err, HasSubstr(needle)) << args;
+    BinaryTest::SetUp();
+    spit(dir_ / "tiny.toml", tiny_model_toml(2, 8, 4));
   }
   std::string cfg() const { return "--config " + (dir_ / "tiny.toml").string(); }
-  std::vector<nlohmann::json> metrics(const fs::path& out) {
-    std::vector<nlohmann::json> v;
-    std::istringstream in(slurp(out / "metrics.jsonl"));
-    std::string line;
-    while (std::getline(in, line)) v.push_back(nlohmann::json::parse(line));
-    return v;
-  }
-  fs::path dir_;
 };
 
 TEST_F(Cli, TrainsWritesMetricsAndCheckpoint) {

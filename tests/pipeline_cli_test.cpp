@@ -24,42 +24,14 @@ namespace {
 
 using namespace pipenag::testutil;
 
-class PipelineCli : public ::testing::Test {
+class PipelineCli : public BinaryTest {
  protected:
   void SetUp() override {
-    dir_ = fresh_test_dir("pipenag_pcli");
-    write_word_corpus(dir_ / "corpus");
-    spit(dir_ / "pipe.toml", R"([model]
-n_layer = 4
-n_embd = 32
-n_head = 2
-block_size = 32
-vocab_size = 256
-[train]
-steps = 8
-batch_size = 4
-lr = 3e-3
-warmup_steps = 2
-eval_every = 4
-eval_batches = 2
-threads = 2
-[data]
-input = ")" + (dir_ / "corpus").string() + R"("
-val_fraction = 0.2
-[pipeline]
-stages = 2
-schedule = "async-1f1b"
-engine = "threads"
-[out]
-dir = ")" + (dir_ / "out").string() + "\"\n");
-  }
-  void TearDown() override {
-    if (!HasFailure()) fs::remove_all(dir_);
+    BinaryTest::SetUp();
+    spit(dir_ / "pipe.toml", tiny_model_toml(4, 8, 4) +
+                                 "[pipeline]\nstages = 2\nschedule = \"async-1f1b\"\nengine = \"threads\"\n");
   }
 
-  RunResult run(const std::string& args) {
-    return run_command(std::string(PIPENAG_BINARY) + " " + args, dir_);
-  }
   // Trains with the test config plus `sets` into out.dir = dir_/name; asserts success.
   RunResult train(const std::string& name, const std::string& sets, const std::string& extra = "") {
     const RunResult r = run("train -q " + cfg() + " --set out.dir=" + (dir_ / name).string() + " " + sets +
@@ -67,23 +39,7 @@ dir = ")" + (dir_ / "out").string() + "\"\n");
     EXPECT_EQ(r.code, 0) << r.err;
     return r;
   }
-  // A failing command: non-zero exit, no crash, exactly one line "pipenag: ..." on stderr.
-  void expect_error(const std::string& args, const std::string& needle) {
-    const RunResult r = run(args);
-    EXPECT_NE(r.code, 0) << args;
-    EXPECT_LT(r.code, 128) << "crashed: " << args;
-    EXPECT_THAT(r.err, StartsWith("pipenag: ")) << args;
-    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
-    EXPECT_THAT(r.err, HasSubstr(needle)) << args;
-  }
   std::string cfg() const { return "--config " + (dir_ / "pipe.toml").string(); }
-  std::vector<nlohmann::json> metrics(const fs::path& out) {
-    std::vector<nlohmann::json> v;
-    std::istringstream in(slurp(out / "metrics.jsonl"));
-    std::string line;
-    while (std::getline(in, line)) v.push_back(nlohmann::json::parse(line));
-    return v;
-  }
   // The per-update lines (those with a training loss).
   std::vector<nlohmann::json> steps(const fs::path& out) {
     std::vector<nlohmann::json> v;
@@ -107,7 +63,6 @@ dir = ")" + (dir_ / "out").string() + "\"\n");
         EXPECT_EQ(x[i][k], y[i][k]) << "step line " << i << " key " << k;
       }
   }
-  fs::path dir_;
 };
 
 // 1. Resume at a drain point equals the uninterrupted run.

@@ -25,6 +25,7 @@
 #include "pipeline/partition.h"
 #include "pipeline/schedule.h"
 #include "pipeline/stage_worker.h"
+#include "pipeline_util.h"
 #include "test_util.h"
 #include "train/trainer.h"
 #include "util/error.h"
@@ -35,6 +36,9 @@ namespace {
 using namespace pipenag;
 using ::testing::HasSubstr;
 using testutil::error_of;
+using testutil::Pipeline;
+using testutil::synthetic_batch;
+using testutil::tiny_pipeline_config;
 
 constexpr Op F = Op::Forward;
 constexpr Op B = Op::Backward;
@@ -448,70 +452,10 @@ TEST(Truncate, RejectsCutsOffAnUpdateBoundary) {
 // Engines over real stage workers
 
 Config tiny_config(int P, ScheduleKind kind, int M, bool stash, bool recompute, double clip = 1.0) {
-  Config c;
-  c.model.n_layer = 4;
-  c.model.n_embd = 32;
-  c.model.n_head = 2;
-  c.model.block_size = 16;
-  c.model.vocab_size = 64;
-  c.train.batch_size = 2;
-  c.train.lr = 1e-3;
-  c.train.warmup_steps = 2;
-  c.train.steps = 50;
-  c.train.clip = clip;
-  c.pipeline.stages = P;
-  c.pipeline.schedule = std::string(schedule_name(kind));
-  c.pipeline.microbatches = kind == ScheduleKind::Async1F1B ? 1 : M;
-  c.pipeline.stash = stash;
-  c.pipeline.recompute = recompute;
-  return c;
+  return tiny_pipeline_config(P, std::string(schedule_name(kind)), M, stash, recompute, clip, 2, 50);
 }
 
-// Tokens are a seeded hash of (micro-batch, position); the target is the next token.
-void synthetic_batch(const ModelConfig& m, int Bsz, int64_t mb, int32_t* x, int32_t* y) {
-  const int T = m.block_size;
-  auto tok = [&](int b, int t) {
-    const uint64_t h = splitmix64(0x5eedULL ^ (static_cast<uint64_t>(mb) * 1000003ULL) ^
-                                  (static_cast<uint64_t>(b) << 40) ^ static_cast<uint64_t>(t));
-    return static_cast<int32_t>(h % static_cast<uint64_t>(m.vocab_size));
-  };
-  for (int b = 0; b < Bsz; ++b)
-    for (int t = 0; t < T; ++t) {
-      x[b * T + t] = tok(b, t);
-      y[b * T + t] = tok(b, t + 1);
-    }
-}
 
-struct Pipeline {
-  Config cfg;
-  std::vector<std::unique_ptr<StageWorker>> owned;
-  std::vector<StageWorker*> ws;
-  explicit Pipeline(const Config& c, int64_t base_version = 0) : cfg(c), owned(make_workers(c)) {
-    for (auto& w : owned) {
-      w->stage().init_params(c.model.seed);
-      w->set_version(base_version);
-      const ModelConfig m = c.model;
-      const int Bsz = c.train.batch_size;
-      w->set_batch_source([m, Bsz](int64_t mb, int32_t* x, int32_t* y) { synthetic_batch(m, Bsz, mb, x, y); });
-      ws.push_back(w.get());
-    }
-  }
-  Schedule schedule(int64_t updates) const {
-    return make_schedule(parse_schedule_kind(cfg.pipeline.schedule), cfg.pipeline.stages,
-                         cfg.pipeline.microbatches, updates);
-  }
-  std::vector<std::vector<float>> params() const {
-    std::vector<std::vector<float>> p;
-    for (const auto* w : ws) p.emplace_back(w->stage().params(), w->stage().params() + w->stage().num_params());
-    return p;
-  }
-  // All stages' weights end to end (the whole model, in unit order).
-  std::vector<float> flat_params() const {
-    std::vector<float> out;
-    for (const auto& p : params()) out.insert(out.end(), p.begin(), p.end());
-    return out;
-  }
-};
 
 struct Outcome {
   std::vector<std::vector<float>> params;

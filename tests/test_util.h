@@ -6,6 +6,7 @@
 
 #include <cstdlib>
 #include <functional>
+#include <nlohmann/json.hpp>
 #include <filesystem>
 #include <algorithm>
 #include <fstream>
@@ -116,5 +117,53 @@ inline void write_word_corpus(const fs::path& dir) {
     spit(dir / ("doc" + std::to_string(d) + ".txt"), text);
   }
 }
+
+// A fixture for tests that run the pipenag binary (PIPENAG_BINARY): a fresh folder per test with
+// the word corpus in corpus/, kept when the test fails.
+class BinaryTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = fresh_test_dir("pipenag_bin");
+    write_word_corpus(dir_ / "corpus");
+  }
+  void TearDown() override {
+    if (!HasFailure()) fs::remove_all(dir_);
+  }
+#ifdef PIPENAG_BINARY
+  RunResult run(const std::string& args) {
+    return run_command(std::string(PIPENAG_BINARY) + " " + args, dir_);
+  }
+  // A failing command: non-zero exit, no crash, exactly one line "pipenag: ..." (containing
+  // `needle`) on stderr, which is returned.
+  std::string expect_error(const std::string& args, const std::string& needle = "") {
+    const RunResult r = run(args);
+    EXPECT_NE(r.code, 0) << args;
+    EXPECT_LT(r.code, 128) << "crashed: " << args;
+    EXPECT_EQ(r.err.rfind("pipenag: ", 0), 0u) << args << ": " << r.err;
+    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+    EXPECT_NE(r.err.find(needle), std::string::npos) << args << ": " << r.err;
+    return r.err;
+  }
+#endif
+  // Every line of <out>/metrics.jsonl.
+  std::vector<nlohmann::json> metrics(const fs::path& out) {
+    std::vector<nlohmann::json> v;
+    std::istringstream in(slurp(out / "metrics.jsonl"));
+    std::string line;
+    while (std::getline(in, line)) v.push_back(nlohmann::json::parse(line));
+    return v;
+  }
+  // The [model], [train] and [data] sections of a tiny model (blocks of width 32, context 32,
+  // byte vocabulary) trained on the corpus; out.dir is <dir_>/out.
+  std::string tiny_model_toml(int n_layer, int steps, int eval_every) const {
+    return "[model]\nn_layer = " + std::to_string(n_layer) +
+           "\nn_embd = 32\nn_head = 2\nblock_size = 32\nvocab_size = 256\n[train]\nsteps = " +
+           std::to_string(steps) + "\nbatch_size = 4\nlr = 3e-3\nwarmup_steps = 2\neval_every = " +
+           std::to_string(eval_every) + "\neval_batches = 2\nthreads = 2\n[data]\ninput = \"" +
+           (dir_ / "corpus").string() + "\"\nval_fraction = 0.2\n[out]\ndir = \"" +
+           (dir_ / "out").string() + "\"\n";
+  }
+  fs::path dir_;
+};
 
 }  // namespace pipenag::testutil

@@ -4,8 +4,7 @@
 //  - the per-element arithmetic is float, one OpenMP `parallel for simd` loop per step with no
 //    reduction and no allocation, so that every element's bits depend only on its own inputs (the
 //    same for any thread count).
-// adamw repeats class AdamW's loop expression for expression (and so its bits, with GCC free to
-// fuse a*b + c as it does there). sgd, nag and nadamw go further and perform PyTorch's own
+// adamw is class AdamW itself (optim/adamw.cpp). sgd, nag and nadamw go further and perform PyTorch's own
 // sequence of roundings: each torch op rounds once, and where torch's CPU kernels fuse
 // (add(alpha) = fma(y, alpha, x), addcmul = fma(value*y, z, x)) fused_madd() fuses; elsewhere these
 // functions are compiled without floating-point contraction. On a CPU with FMA they then give
@@ -18,6 +17,7 @@
 #include <cmath>
 #include <string>
 
+#include "optim/adamw.h"
 #include "util/error.h"
 
 namespace pipenag {
@@ -31,50 +31,27 @@ std::string format_double(double x) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// adamw: the arithmetic of optim/adamw.cpp (class AdamW), expression for expression and compiled
-// with the same options, so that the two give the same bits (optim_test checks it).
+// adamw: class AdamW (optim/adamw.h) behind this interface, so there is one AdamW loop.
 class AdamWOpt final : public Optimizer {
  public:
   AdamWOpt(size_t n, const OptimizerSettings& s)
-      : Optimizer(n), beta1_(s.beta1), beta2_(s.beta2), eps_(s.eps), wd_(s.weight_decay),
-        m_(n, 0.0f), v_(n, 0.0f) {}
+      : Optimizer(n), impl_(n, AdamWHyper{s.beta1, s.beta2, s.eps, s.weight_decay}) {}
 
   const char* name() const override { return "adamw"; }
-  double momentum() const override { return beta1_; }
+  double momentum() const override { return impl_.hyper().beta1; }
 
   void step(float* w, const float* g, double lr, float grad_scale) override {
-    ++t_;
-    const double bc1 = 1.0 - std::pow(beta1_, static_cast<double>(t_));
-    const double bc2 = 1.0 - std::pow(beta2_, static_cast<double>(t_));
-    const float decay = static_cast<float>(1.0 - lr * wd_);
-    const float b1 = static_cast<float>(beta1_), b2 = static_cast<float>(beta2_);
-    const float one_b1 = static_cast<float>(1.0 - beta1_), one_b2 = static_cast<float>(1.0 - beta2_);
-    const float step_size = static_cast<float>(lr / bc1);
-    const float bc2_sqrt = static_cast<float>(std::sqrt(bc2));
-    const float eps = static_cast<float>(eps_);
-    float* m = m_.data();
-    float* v = v_.data();
-    const long n = static_cast<long>(n_);
-#pragma omp parallel for simd schedule(static)
-    for (long i = 0; i < n; ++i) {
-      const float gi = g[i] * grad_scale;
-      const float wi = w[i] * decay;
-      const float mi = b1 * m[i] + one_b1 * gi;
-      const float vi = b2 * v[i] + one_b2 * gi * gi;
-      m[i] = mi;
-      v[i] = vi;
-      const float denom = std::sqrt(vi) / bc2_sqrt + eps;
-      w[i] = wi - step_size * (mi / denom);
-    }
+    impl_.set_step_count(t_);
+    impl_.step(w, g, lr, grad_scale);
+    t_ = impl_.step_count();
   }
 
   std::vector<std::pair<std::string, std::vector<float>*>> state_tensors() override {
-    return {{"exp_avg", &m_}, {"exp_avg_sq", &v_}};
+    return {{"exp_avg", &impl_.m()}, {"exp_avg_sq", &impl_.v()}};
   }
 
  private:
-  double beta1_, beta2_, eps_, wd_;
-  std::vector<float> m_, v_;
+  AdamW impl_;
 };
 
 // From here on: no floating-point contraction, every operation rounds where it is written

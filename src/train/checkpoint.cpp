@@ -31,6 +31,11 @@ void fsync_dir(const std::string& dir) {
   }
 }
 
+// The correction whose state the checkpoint carries beside the optimizer's.
+std::string weight_correction(const Config& cfg) {
+  return cfg.optim.pipemare ? "pipemare" : cfg.optim.spectrain ? "spectrain" : "none";
+}
+
 }  // namespace
 
 std::string model_config_difference(const ModelConfig& there, const ModelConfig& here) {
@@ -98,6 +103,7 @@ void save_checkpoint(const std::string& dir, const Config& cfg, const std::vecto
       state["optimizer"] = opt->name();
       state["optimizer_scalars"] = scalars;  // per stage
     }
+    state["weight_correction"] = weight_correction(cfg);
     state["pipeline"] = {{"stages", cfg.pipeline.stages},
                          {"blocks_per_stage", blocks_per_stage(cfg.model, cfg.pipeline)},
                          {"schedule", cfg.pipeline.schedule}};
@@ -161,6 +167,12 @@ void load_checkpoint(const std::string& dir, const Config& cfg, const std::vecto
   if (!d.empty())
     throw Error(dir + ": checkpoint is for a different architecture: " + d);
   if (st) {
+    // The correction's state (PipeMare's delta, SpecTrain's smoothed update) is in the files only
+    // when the run had it; switching on resume would start it from nothing or drop it.
+    const std::string there_corr = j.value("weight_correction", std::string("none"));
+    if (there_corr != weight_correction(cfg))
+      throw Error(dir + ": checkpoint was trained with weight correction " + there_corr +
+                  ", this run uses " + weight_correction(cfg) + " (optim.pipemare, optim.spectrain)");
     // Resuming needs the same cut: optimizer state, delays and stashes are per stage.
     std::vector<int> there_blocks{there.model.n_layer};
     int there_stages = 1;

@@ -1,5 +1,8 @@
 #include "train/methods.h"
 
+#include <algorithm>
+#include <utility>
+
 #include "util/error.h"
 
 namespace pipenag {
@@ -62,7 +65,16 @@ std::string describe_methods() {
   std::string out;
   for (const auto& m : kMethods) {
     out += std::string(m.name) + ": " + std::string(m.description) + "\n   ";
-    for (const auto& s : m.settings) out += " " + std::string(s);
+    // Each key once, with the value it ends up with (later settings win).
+    std::vector<std::pair<std::string_view, std::string_view>> kv;
+    for (const auto& s : m.settings) {
+      const auto eq = s.find('=');
+      const auto key = s.substr(0, eq);
+      auto it = std::find_if(kv.begin(), kv.end(), [&](const auto& p) { return p.first == key; });
+      if (it == kv.end()) kv.emplace_back(key, s.substr(eq + 1));
+      else it->second = s.substr(eq + 1);
+    }
+    for (const auto& [k, v] : kv) out += " " + std::string(k) + "=" + std::string(v);
     out += "\n";
   }
   return out;
