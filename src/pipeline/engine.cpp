@@ -259,6 +259,12 @@ class Run final : public RunMonitor {
     return g;
   }
 
+  // Passes over an action of a micro-batch the run was cut before.
+  bool skip(size_t ks) {
+    ++next_[ks];
+    return true;
+  }
+
   // Runs stage k's next action if its input is there (always, when `wait`). Returns false when
   // it must wait (only without `wait`).
   bool execute(int k, bool wait) {
@@ -271,10 +277,7 @@ class Run final : public RunMonitor {
       for (auto& m : fwd_) m->wake();
       for (auto& m : bwd_) m->wake();
     }
-    if (a.mb >= sh_.cut.load()) {
-      ++next_[ks];
-      return true;
-    }
+    if (a.mb >= sh_.cut.load()) return skip(ks);
     const bool first = k == 0, last = k + 1 == s_.stages;
     const int64_t version = w.version();
     std::vector<float> buf;
@@ -282,7 +285,7 @@ class Run final : public RunMonitor {
       if (!first) {
         const auto g = receive(k, *fwd_[ks - 1], a.mb, buf, wait);
         if (g == Mailbox::Got::NotYet) return false;
-        if (g == Mailbox::Got::Cut) return ++next_[ks], true;
+        if (g == Mailbox::Got::Cut) return skip(ks);
       }
       const auto t0 = Clock::now();
       const float* out = w.forward(a.mb, first ? nullptr : buf.data());
@@ -294,7 +297,7 @@ class Run final : public RunMonitor {
       if (!last) {
         const auto g = receive(k, *bwd_[ks], a.mb, buf, wait);
         if (g == Mailbox::Got::NotYet) return false;
-        if (g == Mailbox::Got::Cut) return ++next_[ks], true;
+        if (g == Mailbox::Got::Cut) return skip(ks);
       }
       const auto t0 = Clock::now();
       const float* din = w.backward(a.mb, last ? nullptr : buf.data());
