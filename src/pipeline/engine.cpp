@@ -50,7 +50,8 @@ class Mailbox {
 
   Mailbox(size_t floats, const Shared& sh) : floats_(floats), sh_(sh) {}
 
-  void put(int64_t mb, const float* data) {
+  // `ready`: when the message was sent on the sequential engine's modelled timeline.
+  void put(int64_t mb, const float* data, double ready) {
     std::vector<float> buf;
     {
       std::lock_guard<std::mutex> l(mu_);
@@ -63,20 +64,21 @@ class Mailbox {
     std::memcpy(buf.data(), data, floats_ * sizeof(float));
     {
       std::lock_guard<std::mutex> l(mu_);
-      msgs_.emplace_back(mb, std::move(buf));
+      msgs_.push_back({mb, ready, std::move(buf)});
     }
     cv_.notify_all();
   }
 
   // Takes micro-batch mb's message into `out`. With `wait`, blocks until it arrives (or the run
   // is cut before mb, or aborted); without, returns NotYet when it is not there.
-  Got take(int64_t mb, std::vector<float>& out, bool wait) {
+  Got take(int64_t mb, std::vector<float>& out, double* ready, bool wait) {
     std::unique_lock<std::mutex> l(mu_);
     for (;;) {
       if (sh_.aborted.load()) throw Aborted{};
       for (auto it = msgs_.begin(); it != msgs_.end(); ++it) {
-        if (it->first != mb) continue;
-        out = std::move(it->second);
+        if (it->mb != mb) continue;
+        out = std::move(it->data);
+        *ready = it->ready;
         msgs_.erase(it);
         return Got::Message;
       }
@@ -101,7 +103,12 @@ class Mailbox {
   const Shared& sh_;
   std::mutex mu_;
   std::condition_variable cv_;
-  std::vector<std::pair<int64_t, std::vector<float>>> msgs_;
+  struct Message {
+    int64_t mb;
+    double ready;
+    std::vector<float> data;
+  };
+  std::vector<Message> msgs_;
   std::vector<std::vector<float>> pool_;
 };
 
@@ -168,7 +175,8 @@ class Run final : public RunMonitor {
   Run(const Schedule& s, const std::vector<StageWorker*>& workers, const EngineOptions& opt,
       const EngineHooks& hooks)
       : s_(s), w_(workers), opt_(opt), hooks_(hooks), counters_(workers.size()),
-        next_(workers.size(), 0), deposited_(workers.size(), -1), events_(workers.size()),
+        next_(workers.size(), 0), deposited_(workers.size(), -1), sim_clock_(workers.size(), 0.0),
+        events_(workers.size()),
         norms_(s.stages, sh_) {
     if (opt.global_clip && s.asynchronous())
       throw Error("global gradient clipping needs a synchronous schedule");
@@ -196,20 +204,15 @@ class Run final : public RunMonitor {
       for (const auto& c : counters_) busy += 1e-9 * static_cast<double>(c.f_ns + c.b_ns + c.s_ns);
       return el > 0 ? busy / (static_cast<double>(P) * el) : 0.0;
     }
-    // Sequential: the timeline of the part of the schedule run so far, with mean action costs.
-    std::vector<double> f(P), b(P), st(P);
+    // Sequential: the timeline the actions run so far would have had with every stage on its own
+    // core, each action taking its measured time (sim_clock_, advanced as they run).
+    double busy = 0, makespan = 0;
     for (size_t k = 0; k < P; ++k) {
       const auto& c = counters_[k];
-      const auto mean = [](int64_t ns, int64_t n) {
-        return n > 0 ? 1e-9 * static_cast<double>(ns) / static_cast<double>(n) : 0.0;
-      };
-      f[k] = mean(c.f_ns, c.f_n);
-      b[k] = mean(c.b_ns, c.b_n);
-      st[k] = mean(c.s_ns, c.s_n);
+      busy += 1e-9 * static_cast<double>(c.f_ns + c.b_ns + c.s_ns);
+      makespan = std::max(makespan, sim_clock_[k]);
     }
-    const int64_t done = std::max<int64_t>(1, counters_.back().s_n.load()) * s_.microbatches;
-    return simulate(truncate_schedule(s_, std::min(done, s_.num_microbatches())), f, b, st)
-        .utilization();
+    return makespan > 0 ? busy / (static_cast<double>(P) * makespan) : 0.0;
   }
 
   RunStats go() {
@@ -249,10 +252,24 @@ class Run final : public RunMonitor {
       events_[static_cast<size_t>(k)].push_back({k, kind, mb, version, since_epoch(a), since_epoch(b)});
   }
 
+  // Advances stage k's modelled clock over an action that could start once its input was ready
+  // (`ready`) and took a-b; returns its modelled end.
+  double advance(int k, double ready, Clock::time_point a, Clock::time_point b) {
+    double& c = sim_clock_[static_cast<size_t>(k)];
+    c = std::max(c, ready) + std::chrono::duration<double>(b - a).count();
+    return c;
+  }
+
+  void wake_mailboxes() {
+    for (auto& m : fwd_) m->wake();
+    for (auto& m : bwd_) m->wake();
+  }
+
   // Receives micro-batch mb's message for stage k, timing the wait.
-  Mailbox::Got receive(int k, Mailbox& box, int64_t mb, std::vector<float>& buf, bool wait) {
+  Mailbox::Got receive(int k, Mailbox& box, int64_t mb, std::vector<float>& buf, double* ready,
+                       bool wait) {
     const auto t0 = Clock::now();
-    const Mailbox::Got g = box.take(mb, buf, wait);
+    const Mailbox::Got g = box.take(mb, buf, ready, wait);
     const auto t1 = Clock::now();
     if (wait && t1 - t0 > std::chrono::microseconds(20))
       record(k, 'W', mb, w_[static_cast<size_t>(k)]->version(), t0, t1);
@@ -274,16 +291,16 @@ class Run final : public RunMonitor {
     if (k == 0 && a.op == Op::Forward && a.mb % s_.microbatches == 0 && hooks_.stop_requested &&
         sh_.cut.load() == s_.num_microbatches() && hooks_.stop_requested()) {
       sh_.cut.store(a.mb);
-      for (auto& m : fwd_) m->wake();
-      for (auto& m : bwd_) m->wake();
+      wake_mailboxes();
     }
     if (a.mb >= sh_.cut.load()) return skip(ks);
     const bool first = k == 0, last = k + 1 == s_.stages;
     const int64_t version = w.version();
     std::vector<float> buf;
+    double ready = 0.0;
     if (a.op == Op::Forward) {
       if (!first) {
-        const auto g = receive(k, *fwd_[ks - 1], a.mb, buf, wait);
+        const auto g = receive(k, *fwd_[ks - 1], a.mb, buf, &ready, wait);
         if (g == Mailbox::Got::NotYet) return false;
         if (g == Mailbox::Got::Cut) return skip(ks);
       }
@@ -291,11 +308,12 @@ class Run final : public RunMonitor {
       const float* out = w.forward(a.mb, first ? nullptr : buf.data());
       const auto t1 = Clock::now();
       record(k, 'F', a.mb, version, t0, t1);
+      const double end = advance(k, ready, t0, t1);
       if (!first) fwd_[ks - 1]->give_back(std::move(buf));
-      if (!last) fwd_[ks]->put(a.mb, out);
+      if (!last) fwd_[ks]->put(a.mb, out, end);
     } else if (a.op == Op::Backward) {
       if (!last) {
-        const auto g = receive(k, *bwd_[ks], a.mb, buf, wait);
+        const auto g = receive(k, *bwd_[ks], a.mb, buf, &ready, wait);
         if (g == Mailbox::Got::NotYet) return false;
         if (g == Mailbox::Got::Cut) return skip(ks);
       }
@@ -303,8 +321,9 @@ class Run final : public RunMonitor {
       const float* din = w.backward(a.mb, last ? nullptr : buf.data());
       const auto t1 = Clock::now();
       record(k, 'B', a.mb, version, t0, t1);
+      const double end = advance(k, ready, t0, t1);
       if (!last) bwd_[ks]->give_back(std::move(buf));
-      if (!first) bwd_[ks - 1]->put(a.mb, din);
+      if (!first) bwd_[ks - 1]->put(a.mb, din, end);
     } else {
       double global = -1.0;
       if (opt_.global_clip) {
@@ -321,6 +340,7 @@ class Run final : public RunMonitor {
       w.step(global);
       const auto t1 = Clock::now();
       record(k, 'S', a.mb, version, t0, t1);
+      advance(k, 0.0, t0, t1);
       if (hooks_.on_step) hooks_.on_step(k, w, *this);
     }
     ++next_[ks];
@@ -359,8 +379,7 @@ class Run final : public RunMonitor {
             if (!err) err = std::current_exception();
           }
           sh_.aborted.store(true);
-          for (auto& m : fwd_) m->wake();
-          for (auto& m : bwd_) m->wake();
+          wake_mailboxes();
           norms_.wake();
         }
       });
@@ -377,6 +396,7 @@ class Run final : public RunMonitor {
   std::vector<StageCounters> counters_;
   std::vector<size_t> next_;
   std::vector<int64_t> deposited_;  // the last update each stage deposited its norm for
+  std::vector<double> sim_clock_;   // per stage, the modelled timeline (each written by its stage)
   std::vector<std::unique_ptr<Mailbox>> fwd_, bwd_;  // fwd_[k]: k -> k+1; bwd_[k]: k+1 -> k
   std::vector<std::vector<TraceEvent>> events_;
   NormExchange norms_;

@@ -48,8 +48,8 @@ class RunMonitor {
  public:
   virtual ~RunMonitor() = default;
   // Fraction of stage-time spent computing so far: measured (threads) or, for the sequential
-  // engine, the utilisation the schedule would have with every stage on its own core and the
-  // measured mean action costs.
+  // engine, modelled: the timeline of the actions run so far, each taking its measured time, as
+  // if every stage had its own core (kept up to date as actions run, O(1) per action).
   virtual double utilization() const = 0;
   virtual double elapsed() const = 0;  // seconds since the run began
 };
