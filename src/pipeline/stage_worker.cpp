@@ -55,6 +55,12 @@ int StageWorker::slot_of(int64_t mb) const {
   return -1;
 }
 
+bool StageWorker::in_use(int64_t version) const {
+  for (const auto& f : in_flight_)
+    if (f.mb >= 0 && f.version == version) return true;
+  return false;
+}
+
 const float* StageWorker::weights_of_version(int64_t v) const {
   if (v == version_) return stage_.params();
   for (const auto& s : stash_)
@@ -103,20 +109,13 @@ const float* StageWorker::backward(int64_t mb, const float* dout) {
   records_.push_back({mb, fv, bv});
   in_flight_[s] = InFlight{};
   // A stashed version no in-flight micro-batch needs any more is freed for reuse.
-  for (auto& st : stash_) {
-    if (st.version < 0) continue;
-    bool used = false;
-    for (const auto& f : in_flight_) used |= f.mb >= 0 && f.version == st.version;
-    if (!used) st.version = -1;
-  }
+  for (auto& st : stash_)
+    if (st.version >= 0 && !in_use(st.version)) st.version = -1;
   return is_first() ? nullptr : stage_.input_grad();
 }
 
 void StageWorker::stash_current_if_needed() {
-  if (!opt_.stash) return;
-  bool used = false;
-  for (const auto& f : in_flight_) used |= f.mb >= 0 && f.version == version_;
-  if (!used) return;
+  if (!opt_.stash || !in_use(version_)) return;
   auto it = std::find_if(stash_.begin(), stash_.end(), [](const Stashed& s) { return s.version < 0; });
   if (it == stash_.end()) {
     // Grows to tau_k buffers during the first warm-up, then is reused.

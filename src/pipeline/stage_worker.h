@@ -111,6 +111,8 @@ class StageWorker {
   };
   int slot_of(int64_t mb) const;
   const float* weights_of_version(int64_t v) const;
+  // Whether an in-flight micro-batch was forwarded on weight version `version`.
+  bool in_use(int64_t version) const;
   void stash_current_if_needed();
 
   // The weights a forward (SpecTrain) or backward (PipeMare) runs on when a correction shifts them.
