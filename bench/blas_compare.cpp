@@ -73,8 +73,11 @@ static const char* const kBackend = "blis";
 #include <oneapi/dnnl/dnnl.h>
 #include <oneapi/dnnl/dnnl.hpp>
 static const char* const kBackend = "onednn";
+#elif defined(BACKEND_PIPENAG)
+#include "kernels/kernels.h"
+static const char* const kBackend = "pipenag";
 #else
-#error "define one of BACKEND_OPENBLAS, BACKEND_BLIS, BACKEND_DNNL"
+#error "define one of BACKEND_OPENBLAS, BACKEND_BLIS, BACKEND_DNNL, BACKEND_PIPENAG"
 #endif
 
 namespace {
@@ -110,6 +113,8 @@ void sgemm(bool ta, bool tb, int M, int N, int K, const float* A, int lda, const
 #if defined(BACKEND_OPENBLAS) || defined(BACKEND_BLIS)
   cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, M, N, K,
               1.0f, A, lda, B, ldb, beta, C, ldc);
+#elif defined(BACKEND_PIPENAG)
+  pipenag::kernels::sgemm<float>(ta, tb, M, N, K, 1.0f, A, lda, B, ldb, beta, C, ldc);
 #else
   dnnl_sgemm(ta ? 'T' : 'N', tb ? 'T' : 'N', M, N, K, 1.0f, A, lda, B, ldb, beta, C, ldc);
 #endif
@@ -152,6 +157,8 @@ std::string backend_info() {
   s += std::string(" parallel=") + std::to_string(openblas_get_parallel()) + " (0 seq,1 pthread,2 openmp)";
   void* h = dlopen(nullptr, RTLD_NOW);
   s += std::string(" cblas_sbgemm=") + (h && dlsym(h, "cblas_sbgemm") ? "exported" : "NOT exported");
+#elif defined(BACKEND_PIPENAG)
+  s += std::string(" isa=") + pipenag::kernels::gemm_isa();
 #elif defined(BACKEND_BLIS)
   s += std::string(" version=") + bli_info_get_version_str();
   s += std::string(" arch=") + bli_arch_string(bli_arch_query_id());

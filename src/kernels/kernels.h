@@ -14,16 +14,27 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <string>
 #include <type_traits>
 
 namespace pipenag::kernels {
 
-// ---- matmul (BLAS) ----------------------------------------------------------------------------
-// Row-major C[M,N] = alpha * op(A) op(B) + beta * C; op(A) is [M,K], op(B) is [K,N].
-// (cblas_sgemm for float, cblas_dgemm for double; the name is kept from the fp32-only days.)
+// ---- matmul (our own GEMM, src/kernels/gemm.h) ----------------------------------------------------
+// Row-major C[M,N] = alpha * op(A) op(B) + beta * C; op(A) is [M,K], op(B) is [K,N]. Each element
+// is one fused multiply-add chain over k in order, starting from beta * C with alpha folded into
+// A: bit-identical for any thread count and any instruction set. (Float and double; the name is
+// kept from the fp32-only days.)
 template <typename T>
 void sgemm(bool trans_a, bool trans_b, int M, int N, int K, std::type_identity_t<T> alpha,
            const T* A, int lda, const T* B, int ldb, std::type_identity_t<T> beta, T* C, int ldc);
+
+// The instruction set of the float microkernel: "avx512", "avx2" or "generic". The first GEMM
+// picks the widest this CPU has, or the one the environment variable PIPENAG_ISA names.
+const char* gemm_isa();
+// Selects it by name ("auto", "avx512", "avx2", "generic"). Throws std::invalid_argument for
+// another name; a set this CPU lacks falls back to the widest available and the returned note
+// says so (empty otherwise). Call it before any GEMM runs, not during one.
+std::string set_gemm_isa(const std::string& name);
 
 // Linear layer, PyTorch layout: W is [N (out), K (in)], bias [N] or null.
 // out[M,N] = inp[M,K] @ W^T + bias          (out is overwritten)
