@@ -318,7 +318,8 @@ TEST(RoundTrip, UnusualValuesThroughToml) {
   EXPECT_EQ(back.out.dir, c.out.dir);
   EXPECT_EQ(back.model.seed, c.model.seed);
   EXPECT_EQ(back.train.steps, 123456789012);
-  EXPECT_EQ(back.pipeline.partition, std::vector<int>{3});
+  EXPECT_EQ(back.pipeline.partition.blocks, std::vector<int>{3});
+  EXPECT_FALSE(back.pipeline.partition.automatic);
   EXPECT_EQ(back.pipeline.microbatches, 7);
 }
 

@@ -247,6 +247,10 @@ TEST_F(PipelineCli, BadPipelineConfigs) {
   expect_error(t + " --set pipeline.engine=foo", "foo");
   expect_error(t + " --set pipeline.schedule=zigzag", "zigzag");
   expect_error(t + " --set model.tie_embeddings=true", "tie_embeddings");
+  expect_error(t + " --set pipeline.partition=balanced",
+               "pipeline.partition must be an array of blocks per stage or \"auto\", got \"balanced\"");
+  expect_error(t + " --set pipeline.partition=auto --set pipeline.stages=5",
+               "pipeline.stages (5) is more than model.n_layer (4)");
   expect_error(t + " --set pipeline.stages=0", "pipeline.stages");
   // Nothing was trained by any of these.
   EXPECT_FALSE(fs::exists(dir_ / "out" / "checkpoint"));
@@ -266,6 +270,31 @@ TEST_F(PipelineCli, ResumingWithADifferentStageLayoutIsRefused) {
   const RunResult ok = run(t);
   EXPECT_EQ(ok.code, 0) << ok.err;
   EXPECT_EQ(steps(dir_ / "out").size(), 4u);
+}
+
+// 7. pipeline.partition = "auto": measures, says what it chose, records it; a resume keeps the
+// checkpoint's cut, whatever the measurement would say now.
+TEST_F(PipelineCli, AutoPartitionIsMeasuredPrintedAndKeptOnResume) {
+  const RunResult r = run("train " + cfg() + " --set out.dir=" + (dir_ / "auto").string() +
+                          " --set pipeline.partition=auto --set train.steps=2 --set train.eval_every=0");
+  ASSERT_EQ(r.code, 0) << r.err;
+  const std::string all = r.out + r.err;
+  EXPECT_THAT(all, HasSubstr("partition auto: blocks "));
+  EXPECT_THAT(all, HasSubstr("measured stage costs"));
+  const nlohmann::json state = nlohmann::json::parse(slurp(dir_ / "auto" / "checkpoint" / "state.json"));
+  const auto blocks = state["pipeline"]["blocks_per_stage"].get<std::vector<int>>();
+  ASSERT_EQ(blocks.size(), 2u);
+  EXPECT_EQ(blocks[0] + blocks[1], 4);
+
+  // A run with an explicit uneven cut, resumed with "auto": the checkpoint's cut is kept.
+  train("pinned", "--set train.steps=2 --set train.eval_every=0 --set 'pipeline.partition=[1,3]'");
+  const RunResult res = run("train " + cfg() + " --set out.dir=" + (dir_ / "pinned").string() +
+                            " --resume --set pipeline.partition=auto --set train.steps=4 --set train.eval_every=0");
+  ASSERT_EQ(res.code, 0) << res.err;
+  EXPECT_THAT(res.out + res.err, HasSubstr("partition auto: blocks 1,3, the checkpoint's cut"));
+  const nlohmann::json s2 = nlohmann::json::parse(slurp(dir_ / "pinned" / "checkpoint" / "state.json"));
+  EXPECT_EQ(s2["pipeline"]["blocks_per_stage"], (std::vector<int>{1, 3}));
+  EXPECT_EQ(steps(dir_ / "pinned").size(), 4u);
 }
 
 }  // namespace

@@ -16,6 +16,7 @@
 #include <future>
 #include <memory>
 #include <ostream>
+#include <random>
 #include <string>
 #include <thread>
 #include <vector>
@@ -956,13 +957,87 @@ TEST(Partition, UnitBoundaries) {
   EXPECT_EQ(blocks_per_stage(m, p), (std::vector<int>{1, 5}));
   EXPECT_EQ(unit_boundaries(m, p), (std::vector<int>{0, 2, 8}));
   p.stages = 1;
-  p.partition.clear();
+  p.partition = {};
   EXPECT_EQ(unit_boundaries(m, p), (std::vector<int>{0, 8}));
   p.stages = 2;
   p.partition = {2, 2};
   EXPECT_THAT(error_of([&] { blocks_per_stage(m, p); }), HasSubstr("pipeline.partition"));
   p.partition = {6};
   EXPECT_THAT(error_of([&] { unit_boundaries(m, p); }), HasSubstr("pipeline.partition"));
+}
+
+// The exhaustive optimum over every cut with at least one block per stage.
+double brute_force_worst(const std::vector<double>& units, int stages) {
+  const int L = static_cast<int>(units.size()) - 2;
+  double best = 1e300;
+  std::vector<int> blocks(static_cast<size_t>(stages), 1);
+  std::function<void(int, int)> go = [&](int k, int left) {
+    if (k == stages - 1) {
+      if (left < 1) return;
+      blocks[static_cast<size_t>(k)] = left;
+      const auto c = stage_costs(units, blocks);
+      best = std::min(best, *std::max_element(c.begin(), c.end()));
+      return;
+    }
+    for (int b = 1; b <= left - (stages - 1 - k); ++b) {
+      blocks[static_cast<size_t>(k)] = b;
+      go(k + 1, left - b);
+    }
+  };
+  go(0, L);
+  return best;
+}
+
+TEST(Partition, BalancedCutsMinimiseTheSlowestStage) {
+  // The main job's shape: a head worth 1.3 blocks goes with fewer blocks.
+  EXPECT_EQ(balanced_partition({0.01, 1, 1, 1, 1, 1.3}, 2), (std::vector<int>{3, 1}));
+  EXPECT_EQ(balanced_partition({0.01, 1, 1, 1, 1, 1, 1.3}, 2), (std::vector<int>{3, 2}));
+  // A heavy embedding does the opposite; a negligible head and embedding split evenly.
+  EXPECT_EQ(balanced_partition({2.5, 1, 1, 1, 1, 1, 1, 0.5}, 3), (std::vector<int>{1, 3, 2}));
+  EXPECT_EQ(balanced_partition({0, 1, 1, 1, 1, 1, 1, 0}, 3), (std::vector<int>{2, 2, 2}));
+  // One stage takes everything; as many stages as blocks take one each.
+  EXPECT_EQ(balanced_partition({0.5, 1, 1, 1, 0.5}, 1), (std::vector<int>{3}));
+  EXPECT_EQ(balanced_partition({9, 1, 1, 1, 9}, 3), (std::vector<int>{1, 1, 1}));
+  // Against every possible cut, on random costs.
+  std::mt19937 g(5);
+  std::uniform_real_distribution<double> u(0.1, 3.0);
+  for (int trial = 0; trial < 200; ++trial) {
+    const int L = 1 + trial % 8, P = 1 + trial % L;
+    std::vector<double> units(static_cast<size_t>(L) + 2);
+    for (double& c : units) c = u(g);
+    const std::vector<int> blocks = balanced_partition(units, P);
+    ASSERT_EQ(static_cast<int>(blocks.size()), P);
+    int sum = 0;
+    for (int b : blocks) {
+      EXPECT_GE(b, 1);
+      sum += b;
+    }
+    EXPECT_EQ(sum, L);
+    const auto c = stage_costs(units, blocks);
+    EXPECT_DOUBLE_EQ(*std::max_element(c.begin(), c.end()), brute_force_worst(units, P))
+        << "trial " << trial;
+  }
+  EXPECT_THAT(error_of([] { balanced_partition({0, 1, 1, 0}, 3); }),
+              HasSubstr("pipeline.stages (3) is more than model.n_layer (2)"));
+}
+
+TEST(Partition, UnitCostsAreMeasuredForEveryUnit) {
+  ModelConfig m;
+  m.n_layer = 3;
+  m.n_embd = 32;
+  m.n_head = 2;
+  m.block_size = 16;
+  m.vocab_size = 300;
+  const std::vector<double> c = measure_unit_costs(m, 2, false, false, 1, 2);
+  ASSERT_EQ(c.size(), 5u);
+  for (double x : c) EXPECT_GT(x, 0.0);
+  EXPECT_EQ(c[1], c[2]);  // blocks share one shape and one measurement
+  EXPECT_EQ(c[1], c[3]);
+  // A resolved "auto" must not reach the layout functions unresolved.
+  PipelineConfig p;
+  p.stages = 2;
+  p.partition = Partition::make_auto();
+  EXPECT_THAT(error_of([&] { blocks_per_stage(m, p); }), HasSubstr("not resolved"));
 }
 
 TEST(Partition, WorkersFollowTheBoundaries) {

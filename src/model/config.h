@@ -1,7 +1,9 @@
 // Model and training configuration: plain structs, no parsing (see src/train/config_file.h).
 #pragma once
 #include <cstdint>
+#include <initializer_list>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace pipenag {
@@ -45,10 +47,26 @@ struct DataConfig {
   uint64_t split_seed = 0;    // seed of the document split
 };
 
+// pipeline.partition: blocks per stage, the default split, or "auto" (pipeline/partition.h).
+struct Partition {
+  bool automatic = false;  // "auto": cut by the measured cost of every unit
+  std::vector<int> blocks; // explicit blocks per stage; empty (and not automatic): the default
+  Partition() = default;
+  Partition(std::initializer_list<int> b) : blocks(b) {}
+  explicit Partition(std::vector<int> b) : blocks(std::move(b)) {}
+  static Partition make_auto() {
+    Partition p;
+    p.automatic = true;
+    return p;
+  }
+  bool is_default() const { return !automatic && blocks.empty(); }
+  bool operator==(const Partition&) const = default;
+};
+
 // How the model is cut into stages and how micro-batches flow through them (src/pipeline/).
 struct PipelineConfig {
   int stages = 1;                   // P
-  std::vector<int> partition;       // blocks per stage; empty: the default (see partition_units)
+  Partition partition;              // blocks per stage (see pipeline/partition.h)
   std::string schedule = "gpipe";   // gpipe | 1f1b | async-1f1b
   int microbatches = 1;             // M micro-batches of train.batch_size per update (sync)
   std::string engine = "sequential";  // sequential | threads

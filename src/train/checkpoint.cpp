@@ -159,6 +159,19 @@ Config read_checkpoint_config(const std::string& dir) {
   return parse_config(j["config_toml"].get<std::string>(), dir + "/state.json", {});
 }
 
+std::vector<int> checkpoint_blocks_per_stage(const std::string& dir) {
+  const nlohmann::json j = read_state(dir);
+  if (!j.contains("pipeline")) return {read_checkpoint_config(dir).model.n_layer};
+  try {
+    const std::vector<int> blocks = j["pipeline"].at("blocks_per_stage").get<std::vector<int>>();
+    if (blocks.empty() || j["pipeline"].at("stages").get<int>() != static_cast<int>(blocks.size()))
+      throw Error(dir + "/state.json: pipeline.blocks_per_stage does not match pipeline.stages");
+    return blocks;
+  } catch (const nlohmann::json::exception& e) {
+    throw Error(dir + "/state.json: bad pipeline field (" + std::string(e.what()) + ")");
+  }
+}
+
 void load_checkpoint(const std::string& dir, const Config& cfg, const std::vector<StagePart>& parts,
                      TrainState* st) {
   const nlohmann::json j = read_state(dir);
@@ -174,16 +187,8 @@ void load_checkpoint(const std::string& dir, const Config& cfg, const std::vecto
       throw Error(dir + ": checkpoint was trained with weight correction " + there_corr +
                   ", this run uses " + weight_correction(cfg) + " (optim.pipemare, optim.spectrain)");
     // Resuming needs the same cut: optimizer state, delays and stashes are per stage.
-    std::vector<int> there_blocks{there.model.n_layer};
-    int there_stages = 1;
-    if (j.contains("pipeline")) {
-      try {
-        there_stages = j["pipeline"].at("stages").get<int>();
-        there_blocks = j["pipeline"].at("blocks_per_stage").get<std::vector<int>>();
-      } catch (const nlohmann::json::exception& e) {
-        throw Error(dir + "/state.json: bad pipeline field (" + std::string(e.what()) + ")");
-      }
-    }
+    const std::vector<int> there_blocks = checkpoint_blocks_per_stage(dir);
+    const int there_stages = static_cast<int>(there_blocks.size());
     const std::vector<int> here_blocks = blocks_per_stage(cfg.model, cfg.pipeline);
     if (there_stages != cfg.pipeline.stages || there_blocks != here_blocks) {
       const auto list = [](const std::vector<int>& v) {

@@ -41,6 +41,9 @@ void save_checkpoint(const std::string& dir, const Config& cfg, const std::vecto
 // The config stored in a checkpoint (Error if the folder is not a readable checkpoint).
 Config read_checkpoint_config(const std::string& dir);
 
+// The blocks per stage the checkpoint was trained with (its stage layout).
+std::vector<int> checkpoint_blocks_per_stage(const std::string& dir);
+
 // Restores weights (and optimizer/state when given). Error when the checkpoint's architecture
 // differs from `cfg.model`, or on any damaged file.
 // With `st` (resuming training), the checkpoint's stage layout must equal cfg's.

@@ -49,7 +49,7 @@ const std::vector<ConfigKey> kKeys = {
     PIPENAG_CONFIG_KEY(data, val_fraction, "fraction of the documents held out for validation"),
     PIPENAG_CONFIG_KEY(data, split_seed, "seed of the train/validation document split"),
     PIPENAG_CONFIG_KEY(pipeline, stages, "pipeline stages P (each needs at least one block)"),
-    PIPENAG_CONFIG_KEY(pipeline, partition, "blocks per stage, e.g. [1, 2, 2, 1] (empty: even split, ends lighter)"),
+    PIPENAG_CONFIG_KEY(pipeline, partition, "blocks per stage, e.g. [1, 2, 2, 1]; \"auto\": cut by the measured cost of each unit (empty: even split, ends lighter)"),
     PIPENAG_CONFIG_KEY(pipeline, schedule, "\"gpipe\", \"1f1b\" or \"async-1f1b\""),
     PIPENAG_CONFIG_KEY(pipeline, microbatches, "micro-batches of train.batch_size per update (gpipe, 1f1b)"),
     PIPENAG_CONFIG_KEY(pipeline, engine, "\"sequential\" (one thread) or \"threads\" (one thread per stage)"),
@@ -253,9 +253,16 @@ void assign(const ConfigKey& k, Config& cfg, const toml::node& node, std::string
           const auto* v = node.as_string();
           if (!v) throw wrong_type("a string");
           *p = v->get();
-        } else if constexpr (std::is_same_v<T, std::vector<int>>) {
+        } else if constexpr (std::is_same_v<T, Partition>) {
+          if (const auto* word = node.as_string()) {
+            if (word->get() != "auto")
+              throw Error(prefix + " must be an array of blocks per stage or \"auto\", got " +
+                          toml_quote(word->get()));
+            *p = Partition::make_auto();
+            return;
+          }
           const auto* arr = node.as_array();
-          if (!arr) throw wrong_type("an array of integers");
+          if (!arr) throw wrong_type("an array of integers or \"auto\"");
           std::vector<int> out;
           for (const auto& e : *arr) {
             const auto* v = e.as_integer();
@@ -265,7 +272,7 @@ void assign(const ConfigKey& k, Config& cfg, const toml::node& node, std::string
               throw Error(prefix + ": " + std::to_string(v->get()) + " is out of range");
             out.push_back(static_cast<int>(v->get()));
           }
-          *p = std::move(out);
+          *p = Partition(std::move(out));
         } else {
           static_assert(std::is_same_v<T, Activation>);
           const auto* v = node.as_string();
@@ -336,9 +343,11 @@ std::string value_text(const ConfigKey& k, const Config& cfg) {
         else if constexpr (std::is_same_v<T, bool>) return *p ? "true" : "false";
         else if constexpr (std::is_same_v<T, std::string>) return toml_quote(*p);
         else if constexpr (std::is_same_v<T, Activation>) return toml_quote(activation_name(*p));
-        else if constexpr (std::is_same_v<T, std::vector<int>>) {
+        else if constexpr (std::is_same_v<T, Partition>) {
+          if (p->automatic) return "\"auto\"";
           std::string s = "[";
-          for (size_t i = 0; i < p->size(); ++i) s += (i ? ", " : "") + std::to_string((*p)[i]);
+          for (size_t i = 0; i < p->blocks.size(); ++i)
+            s += (i ? ", " : "") + std::to_string(p->blocks[i]);
           return s + "]";
         } else return std::to_string(*p);
       },
@@ -409,7 +418,7 @@ std::string_view ConfigKey::type_name() const {
         else if constexpr (std::is_same_v<T, bool>) return "boolean";
         else if constexpr (std::is_same_v<T, std::string>) return "string";
         else if constexpr (std::is_same_v<T, Activation>) return "relu|gelu";
-        else if constexpr (std::is_same_v<T, std::vector<int>>) return "integer array";
+        else if constexpr (std::is_same_v<T, Partition>) return "integer array or \"auto\"";
         else return "integer";
       },
       field(probe));
@@ -505,12 +514,12 @@ void validate(const Config& cfg) {
   if (p.stages > m.n_layer)
     invalid("pipeline.stages (" + std::to_string(p.stages) + ") is more than model.n_layer (" +
             std::to_string(m.n_layer) + "): every stage needs at least one block");
-  if (!p.partition.empty()) {
-    if (static_cast<int>(p.partition.size()) != p.stages)
-      invalid("pipeline.partition has " + std::to_string(p.partition.size()) +
+  if (!p.partition.blocks.empty()) {
+    if (static_cast<int>(p.partition.blocks.size()) != p.stages)
+      invalid("pipeline.partition has " + std::to_string(p.partition.blocks.size()) +
               " entries for pipeline.stages = " + std::to_string(p.stages));
     int sum = 0;
-    for (int b : p.partition) {
+    for (int b : p.partition.blocks) {
       if (b < 1) invalid("pipeline.partition: every stage needs at least one block, got " +
                          std::to_string(b));
       sum += b;
@@ -605,7 +614,10 @@ nlohmann::json config_to_json(const Config& cfg) {
         [&](auto* p) {
           using T = std::remove_pointer_t<decltype(p)>;
           if constexpr (std::is_same_v<T, Activation>) slot = std::string(activation_name(*p));
-          else slot = *p;
+          else if constexpr (std::is_same_v<T, Partition>) {
+            if (p->automatic) slot = "auto";
+            else slot = p->blocks;
+          } else slot = *p;
         },
         field_of(k, cfg));
   }

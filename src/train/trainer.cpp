@@ -232,6 +232,48 @@ std::vector<std::unique_ptr<StageWorker>> make_workers(const Config& cfg) {
   return workers;
 }
 
+// pipeline.partition = "auto": the cut that balances the unit costs measured now with each stage
+// thread's BLAS threads (resuming keeps the checkpoint's cut, whose optimizer state and stashes
+// are per stage). Returns cfg with explicit blocks, and in `note` a line saying what was chosen.
+Config resolve_partition(const Config& cfg, bool resume, int threads_per_stage, std::string* note) {
+  if (!cfg.pipeline.partition.automatic) return cfg;
+  Config out = cfg;
+  const auto list = [](const std::vector<int>& v) {
+    std::string s;
+    for (int b : v) s += (s.empty() ? "" : ",") + std::to_string(b);
+    return s;
+  };
+  if (resume) {
+    const std::vector<int> blocks = checkpoint_blocks_per_stage(cfg.out.dir + "/checkpoint");
+    out.pipeline.partition = Partition(blocks);
+    *note = "partition auto: blocks " + list(blocks) + ", the checkpoint's cut";
+    return out;
+  }
+  const std::vector<double> units =
+      measure_unit_costs(cfg.model, cfg.train.batch_size, cfg.pipeline.recompute, cfg.train.bf16,
+                         threads_per_stage);
+  const std::vector<int> blocks = balanced_partition(units, cfg.pipeline.stages);
+  out.pipeline.partition = Partition(blocks);
+  const std::vector<double> costs = stage_costs(units, blocks);
+  std::string stages;
+  double worst = 0, sum = 0;
+  for (double c : costs) {
+    char b[32];
+    std::snprintf(b, sizeof b, "%s%.1f", stages.empty() ? "" : " | ", c * 1e3);
+    stages += b;
+    worst = std::max(worst, c);
+    sum += c;
+  }
+  char buf[256];
+  std::snprintf(buf, sizeof buf,
+                "partition auto: blocks %s, measured stage costs %s ms per micro-batch "
+                "(embedding %.1f, block %.1f, head %.1f ms; balance %.1f%%)",
+                list(blocks).c_str(), stages.c_str(), units.front() * 1e3, units[1] * 1e3,
+                units.back() * 1e3, 100.0 * sum / (worst * static_cast<double>(costs.size())));
+  *note = buf;
+  return out;
+}
+
 static std::string format_bytes(double b) {
   char buf[32];
   if (b >= 1 << 30) std::snprintf(buf, sizeof buf, "%.2f GiB", b / (1 << 30));
@@ -239,15 +281,17 @@ static std::string format_bytes(double b) {
   return buf;
 }
 
-TrainResult train(const Config& cfg, const TrainOptions& opt) {
-  const int cores = thread_count(cfg.train);
-  const EngineKind engine = parse_engine_kind(cfg.pipeline.engine);
-  const ScheduleKind kind = parse_schedule_kind(cfg.pipeline.schedule);
-  const int P = cfg.pipeline.stages;
-  const int M = kind == ScheduleKind::Async1F1B ? 1 : cfg.pipeline.microbatches;
+TrainResult train(const Config& user_cfg, const TrainOptions& opt) {
+  const int cores = thread_count(user_cfg.train);
+  const EngineKind engine = parse_engine_kind(user_cfg.pipeline.engine);
+  const ScheduleKind kind = parse_schedule_kind(user_cfg.pipeline.schedule);
+  const int P = user_cfg.pipeline.stages;
+  const int M = kind == ScheduleKind::Async1F1B ? 1 : user_cfg.pipeline.microbatches;
   // Thread budget: stage threads times BLAS threads per stage never exceeds the cores (each
   // stage thread gets at least one).
   const int blas_threads = engine == EngineKind::Threads ? std::max(1, cores / P) : cores;
+  std::string partition_note;
+  const Config cfg = resolve_partition(user_cfg, opt.resume, blas_threads, &partition_note);
   omp_set_num_threads(cores);
   const int B = cfg.train.batch_size, T = cfg.model.block_size;
   const int64_t tokens_per_update = static_cast<int64_t>(M) * B * T;
@@ -295,6 +339,7 @@ TrainResult train(const Config& cfg, const TrainOptions& opt) {
                     cfg.pipeline.stash ? "on" : "off", cfg.pipeline.recompute ? "on" : "off");
       progress.message(buf);
     }
+    if (!partition_note.empty()) progress.message(partition_note);
     if (opt.resume) progress.message("resumed from " + ckpt_dir + " at step " + std::to_string(st.step));
   }
 
