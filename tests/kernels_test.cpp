@@ -610,23 +610,42 @@ TEST(Elementwise, GradientsMatchFiniteDifferences) {
 }
 
 TEST(Elementwise, FloatErfAndExpAreAccurate) {
+  namespace d = pipenag::kernels::detail;
   double max_erf = 0, max_exp = 0;
   std::vector<float> xs;
   for (int i = -60000; i <= 60000; ++i) xs.push_back(static_cast<float>(i) * 1e-4f);
-  for (float x : xs)
-    max_erf = std::max(max_erf, std::abs(pipenag::kernels::detail::erf_rational(x) -
-                                         std::erf(static_cast<double>(x))));
+  for (size_t i = 0; i + 16 <= xs.size(); i += 16) {
+    const d::Vf16 e = d::erf16(d::load16(xs.data() + i));
+    for (int l = 0; l < 16; ++l)
+      max_erf = std::max(max_erf, std::abs(e[l] - std::erf(static_cast<double>(xs[i + l]))));
+  }
   EXPECT_LT(max_erf, 5e-7);
   // exp through the float row primitive: exp(x - 0) stored and summed.
   std::vector<float> ys(xs.size());
   for (auto& x : xs) x *= 14.0f;  // [-84, 84]
-  pipenag::kernels::detail::exp_shift_store_sum(ys.data(), xs.data(), static_cast<int>(xs.size()),
-                                                0.0f);
+  d::exp_shift_store_sum(ys.data(), xs.data(), static_cast<int>(xs.size()), 0.0f);
   for (size_t i = 0; i < xs.size(); ++i) {
     const double want = std::exp(static_cast<double>(xs[i]));
     max_exp = std::max(max_exp, std::abs(ys[i] - want) / want);
   }
   EXPECT_LT(max_exp, 3e-7);
+  // The edges: -inf gives exactly 0, NaN stays NaN, overflow gives inf, and results in the
+  // subnormal range are rounded once (within one subnormal step of the true value).
+  const float inf = std::numeric_limits<float>::infinity();
+  const std::vector<float> edge = {-inf, std::numeric_limits<float>::quiet_NaN(), 89.0f, inf,
+                                   -87.0f, -95.5f, -103.0f, -110.0f, 88.7f, 0.0f};
+  std::vector<float> out(edge.size());
+  d::exp_shift_store_sum(out.data(), edge.data(), static_cast<int>(edge.size()), 0.0f);
+  EXPECT_EQ(out[0], 0.0f);
+  EXPECT_TRUE(std::isnan(out[1]));
+  EXPECT_EQ(out[2], inf);
+  EXPECT_EQ(out[3], inf);
+  for (size_t i : {4, 5, 6, 8})
+    EXPECT_NEAR(out[i], std::exp(static_cast<double>(edge[i])),
+                std::max(1e-6 * std::exp(static_cast<double>(edge[i])), 1.5e-45))
+        << edge[i];
+  EXPECT_EQ(out[7], 0.0f);
+  EXPECT_EQ(out[9], 1.0f);
 }
 
 // ================================ conventions =====================================================

@@ -21,7 +21,7 @@ constexpr int kBlock = 64;
 }  // namespace
 
 template <typename T>
-void attention_forward(T* out, T* att, const T* qkv, int B, int T_, int C, int NH) {
+PIPENAG_DISPATCH void attention_forward(T* out, T* att, const T* qkv, int B, int T_, int C, int NH) {
   const int hs = C / NH;
   const int C3 = 3 * C;
   const T scale = T(1) / std::sqrt(static_cast<T>(hs));
@@ -62,7 +62,7 @@ size_t attention_backward_scratch_floats(int B, int T, int C, int NH) {
 }
 
 template <typename T>
-void attention_backward(T* dqkv, const T* dout, const T* qkv, const T* att, int B, int T_, int C,
+PIPENAG_DISPATCH void attention_backward(T* dqkv, const T* dout, const T* qkv, const T* att, int B, int T_, int C,
                         int NH, T* scratch) {
   if (!dqkv) return;
   const int hs = C / NH;

@@ -25,13 +25,10 @@ void parallel_chunks(size_t n, F&& body) {
 constexpr double kInvSqrt2 = 0.70710678118654752440;
 constexpr double kInvSqrt2Pi = 0.39894228040143267794;
 
+// The double path (float goes through erf16/exp16 below, tail included).
 template <typename T>
 T gelu_scalar(T x) {
-  if constexpr (std::is_same_v<T, float>) {
-    return 0.5f * x * (1.0f + detail::erf_rational(x * static_cast<float>(kInvSqrt2)));
-  } else {
-    return T(0.5) * x * (T(1) + std::erf(x * T(kInvSqrt2)));
-  }
+  return T(0.5) * x * (T(1) + std::erf(x * T(kInvSqrt2)));
 }
 
 // d/dx [x Phi(x)] = Phi(x) + x phi(x).
@@ -63,53 +60,42 @@ void relu_backward(T* dinp, const T* dout, const T* inp, size_t n) {
 }
 
 template <typename T>
-void gelu_forward(T* out, const T* inp, size_t n) {
+PIPENAG_DISPATCH void gelu_forward(T* out, const T* inp, size_t n) {
   parallel_chunks(n, [=](size_t b, size_t e) {
     size_t i = b;
-#if PIPENAG_KERNELS_AVX512
     if constexpr (std::is_same_v<T, float>) {
-      const __m512 half = _mm512_set1_ps(0.5f), one = _mm512_set1_ps(1.0f);
-      const __m512 k = _mm512_set1_ps(static_cast<float>(kInvSqrt2));
-      for (; i + 16 <= e; i += 16) {
-        const __m512 x = _mm512_loadu_ps(inp + i);
-        const __m512 cdf = _mm512_mul_ps(half, _mm512_add_ps(one, detail::erf16(_mm512_mul_ps(x, k))));
-        _mm512_storeu_ps(out + i, _mm512_mul_ps(x, cdf));
+      using detail::Vf16, detail::splat;
+      const Vf16 k = splat(static_cast<float>(kInvSqrt2));
+      for (; i < e; i += 16) {
+        const int m = static_cast<int>(std::min<size_t>(16, e - i));
+        const Vf16 x = detail::load_partial(inp + i, m, 0.0f);
+        detail::store_partial(out + i, x * (splat(0.5f) * (splat(1.0f) + detail::erf16(x * k))), m);
       }
+      return;
     }
-#endif
     for (; i < e; ++i) out[i] = gelu_scalar(inp[i]);
   });
 }
 
 template <typename T>
-void gelu_backward(T* dinp, const T* dout, const T* inp, size_t n) {
+PIPENAG_DISPATCH void gelu_backward(T* dinp, const T* dout, const T* inp, size_t n) {
   parallel_chunks(n, [=](size_t b, size_t e) {
     size_t i = b;
-#if PIPENAG_KERNELS_AVX512
     if constexpr (std::is_same_v<T, float>) {
-      const __m512 half = _mm512_set1_ps(0.5f), one = _mm512_set1_ps(1.0f);
-      const __m512 k = _mm512_set1_ps(static_cast<float>(kInvSqrt2));
-      const __m512 kpdf = _mm512_set1_ps(static_cast<float>(kInvSqrt2Pi));
-      const __m512 mhalf = _mm512_set1_ps(-0.5f);
-      for (; i + 16 <= e; i += 16) {
-        const __m512 x = _mm512_loadu_ps(inp + i);
-        const __m512 cdf = _mm512_mul_ps(half, _mm512_add_ps(one, detail::erf16(_mm512_mul_ps(x, k))));
-        const __m512 pdf =
-            _mm512_mul_ps(kpdf, detail::exp16(_mm512_mul_ps(mhalf, _mm512_mul_ps(x, x))));
-        const __m512 g = _mm512_fmadd_ps(x, pdf, cdf);
-        // Product rounded before the add, as in the scalar tail: dinp += round(g * dout).
-        _mm512_storeu_ps(dinp + i, _mm512_add_ps(_mm512_loadu_ps(dinp + i),
-                                                 _mm512_mul_ps(g, _mm512_loadu_ps(dout + i))));
-      }
-      for (; i < e; ++i) {
-        const float x = inp[i];
-        const float cdf = 0.5f * (1.0f + detail::erf_rational(x * static_cast<float>(kInvSqrt2)));
-        const float g = cdf + x * static_cast<float>(kInvSqrt2Pi) * std::exp(-0.5f * x * x);
-        dinp[i] += g * dout[i];
+      using detail::Vf16, detail::splat;
+      const Vf16 k = splat(static_cast<float>(kInvSqrt2));
+      const Vf16 kpdf = splat(static_cast<float>(kInvSqrt2Pi));
+      for (; i < e; i += 16) {
+        const int m = static_cast<int>(std::min<size_t>(16, e - i));
+        const Vf16 x = detail::load_partial(inp + i, m, 0.0f);
+        const Vf16 cdf = splat(0.5f) * (splat(1.0f) + detail::erf16(x * k));
+        const Vf16 pdf = kpdf * detail::exp16(splat(-0.5f) * (x * x));
+        const Vf16 g = x * pdf + cdf;
+        detail::store_partial(dinp + i, detail::load_partial(dinp + i, m, 0.0f) +
+                                            g * detail::load_partial(dout + i, m, 0.0f), m);
       }
       return;
     }
-#endif
     for (; i < e; ++i) dinp[i] += gelu_grad_scalar(inp[i]) * dout[i];
   });
 }

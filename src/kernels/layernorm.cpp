@@ -3,6 +3,7 @@
 #include <cstddef>
 
 #include "kernels/kernels.h"
+#include "kernels/vec_math.h"
 
 namespace pipenag::kernels {
 
@@ -13,7 +14,7 @@ constexpr long kParallelMin = 16384;
 }  // namespace
 
 template <typename T>
-void layernorm_forward(T* out, T* mean, T* rstd, const T* inp, const T* w, const T* b, int M,
+PIPENAG_DISPATCH void layernorm_forward(T* out, T* mean, T* rstd, const T* inp, const T* w, const T* b, int M,
                        int C) {
 #pragma omp parallel for schedule(static) if (static_cast<long>(M) * C > kParallelMin)
   for (int i = 0; i < M; ++i) {
@@ -36,7 +37,7 @@ void layernorm_forward(T* out, T* mean, T* rstd, const T* inp, const T* w, const
 }
 
 template <typename T>
-void layernorm_backward(T* dinp, T* dw, T* db, const T* dout, const T* inp, const T* w,
+PIPENAG_DISPATCH void layernorm_backward(T* dinp, T* dw, T* db, const T* dout, const T* inp, const T* w,
                         const T* mean, const T* rstd, int M, int C) {
   const bool big = static_cast<long>(M) * C > kParallelMin;
   if (dinp) {

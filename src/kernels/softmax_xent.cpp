@@ -30,7 +30,7 @@ double mean_loss(const T* losses, const int32_t* targets, int M) {
 }  // namespace
 
 template <typename T>
-double softmax_xent_forward(T* losses, const T* logits, const int32_t* targets, int M, int V) {
+PIPENAG_DISPATCH double softmax_xent_forward(T* losses, const T* logits, const int32_t* targets, int M, int V) {
 #pragma omp parallel for schedule(static) if (static_cast<long>(M) * V > kParallelMin)
   for (int m = 0; m < M; ++m) {
     const int tgt = targets[m];
@@ -48,7 +48,7 @@ double softmax_xent_forward(T* losses, const T* logits, const int32_t* targets, 
 }
 
 template <typename T>
-double softmax_xent_forward_backward(T* logits, T* losses, const int32_t* targets, int M, int V,
+PIPENAG_DISPATCH double softmax_xent_forward_backward(T* logits, T* losses, const int32_t* targets, int M, int V,
                                      std::type_identity_t<T> grad_scale) {
 #pragma omp parallel for schedule(static) if (static_cast<long>(M) * V > kParallelMin)
   for (int m = 0; m < M; ++m) {
@@ -70,7 +70,7 @@ double softmax_xent_forward_backward(T* logits, T* losses, const int32_t* target
 }
 
 template <typename T>
-void softmax_rows(T* logits, int M, int V) {
+PIPENAG_DISPATCH void softmax_rows(T* logits, int M, int V) {
 #pragma omp parallel for schedule(static) if (static_cast<long>(M) * V > kParallelMin)
   for (int m = 0; m < M; ++m) {
     T* row = logits + static_cast<size_t>(m) * V;

@@ -1,94 +1,117 @@
 // Private to src/kernels: vectorised exp/erf and the row primitives that softmax-like kernels
-// share. The float versions use AVX-512 when the build targets it (std::exp in a scalar loop is
-// ~10x too slow for a 50k-wide vocabulary); everything else, double included, takes the generic
+// share. The float versions work on 16-lane GCC vector types (Vf16), which the compiler maps to
+// one AVX-512 register, two AVX2 ones or four SSE ones, whatever the build or the runtime clone
+// (PIPENAG_DISPATCH) targets: one source, no intrinsics, so a portable build vectorises them too
+// (std::exp in a scalar loop is ~10x too slow for a 50k-wide vocabulary). Double takes the plain
 // scalar path, which is what the double-precision gradient checks exercise.
 //
-// Every reduction here runs in a fixed order that depends only on n, never on threads.
+// Every reduction here runs in a fixed order that depends only on n: 16 lane accumulators (two
+// sets where noted), then the lanes added in index order. Never on threads, never on the
+// vector width.
 #pragma once
-
-// GCC 12 reports its own intrinsics' `__m512 __Y = __Y;` placeholders as maybe-uninitialized once
-// they are inlined into OpenMP-outlined loops (a false positive fixed in later GCCs).
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
+#include <cstdint>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#define PIPENAG_KERNELS_AVX512 1
+// Runtime dispatch for the hot non-GEMM kernels of a portable build: GCC compiles the function
+// for x86-64-v4 (AVX-512), x86-64-v3 (AVX2 + FMA) and the build's baseline, and picks one when
+// the program starts. A native build targets one CPU already and needs no clones.
+#if defined(PIPENAG_PORTABLE_BUILD) && !defined(__SANITIZE_ADDRESS__)
+#define PIPENAG_DISPATCH __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
-#define PIPENAG_KERNELS_AVX512 0
+#define PIPENAG_DISPATCH
 #endif
+
+// The helpers below must inline into their callers, and so into each runtime clone of them (an
+// out-of-line copy would be compiled for the baseline only). Passing 64-byte vectors by value is
+// then never an ABI question (CMakeLists.txt silences GCC's -Wpsabi note about it).
+#define PIPENAG_INLINE inline __attribute__((always_inline))
 
 namespace pipenag::kernels::detail {
 
+typedef float Vf16 __attribute__((vector_size(64)));
+typedef int32_t Vi16 __attribute__((vector_size(64)));
+
+PIPENAG_INLINE Vf16 splat(float x) { return Vf16{} + x; }
+PIPENAG_INLINE Vf16 load16(const float* p) {
+  Vf16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+PIPENAG_INLINE void store16(float* p, Vf16 v) { std::memcpy(p, &v, sizeof v); }
+// Lanes [0, n) from p, the rest `fill`.
+PIPENAG_INLINE Vf16 load_partial(const float* p, int n, float fill) {
+  alignas(64) float t[16];
+  for (int i = 0; i < 16; ++i) t[i] = i < n ? p[i] : fill;
+  return load16(t);
+}
+PIPENAG_INLINE void store_partial(float* p, Vf16 v, int n) {
+  alignas(64) float t[16];
+  store16(t, v);
+  for (int i = 0; i < n; ++i) p[i] = t[i];
+}
+PIPENAG_INLINE Vf16 vmax(Vf16 a, Vf16 b) { return a > b ? a : b; }  // NaN in a: b; used on clamps below
+PIPENAG_INLINE Vf16 vmin(Vf16 a, Vf16 b) { return a < b ? a : b; }
+PIPENAG_INLINE float sum_lanes(Vf16 v) {
+  float s = 0;
+  for (int i = 0; i < 16; ++i) s += v[i];
+  return s;
+}
+PIPENAG_INLINE float max_lanes(Vf16 v) {
+  float m = v[0];
+  for (int i = 1; i < 16; ++i) m = std::max(m, v[i]);
+  return m;
+}
+
+// e^x for 16 floats, ~1 ulp (Cephes expf polynomial on |r| <= ln2/2). x is clamped to
+// [-104, 88.8] so that -inf gives exactly 0 and large inputs give inf; NaN propagates (training
+// divergence must stay visible). The power 2^n is applied in two exact halves, so that results
+// in the subnormal range round once, as a hardware scale would.
+PIPENAG_INLINE Vf16 exp16(Vf16 x) {
+  const Vf16 nan_mask = x != x ? splat(1.0f) : splat(0.0f);
+  x = vmin(vmax(x, splat(-104.0f)), splat(88.8f));
+  // Round to nearest even by adding and removing 1.5 * 2^23 (|x * log2 e| < 2^22 here).
+  const Vf16 magic = splat(12582912.0f);
+  const Vf16 n = (x * splat(1.44269504088896341f) + magic) - magic;
+  // ln2 split in two so that n * ln2_hi is exact for |n| < 2^15.
+  Vf16 r = x - n * splat(0.693359375f);
+  r = r - n * splat(-2.12194440e-4f);
+  Vf16 p = splat(1.9875691500e-4f);
+  p = p * r + splat(1.3981999507e-3f);
+  p = p * r + splat(8.3334519073e-3f);
+  p = p * r + splat(4.1665795894e-2f);
+  p = p * r + splat(1.6666665459e-1f);
+  p = p * r + splat(5.0000001201e-1f);
+  p = p * (r * r) + (r + splat(1.0f));
+  const Vi16 ni = __builtin_convertvector(n, Vi16);
+  const Vi16 n1 = ni >> 1, n2 = ni - n1;  // both in [-75, 65]: normal powers of two
+  const Vf16 s1 = reinterpret_cast<Vf16>((n1 + 127) << 23), s2 = reinterpret_cast<Vf16>((n2 + 127) << 23);
+  const Vf16 e = (p * s1) * s2;
+  return nan_mask != 0.0f ? splat(std::numeric_limits<float>::quiet_NaN()) : e;
+}
+
 // erf(x) as a rational function of x (odd/even polynomials, x clamped to [-4, 4], beyond which
 // erf is +-1 in float): the approximation Eigen and XLA use for float, a few ulp from erff.
-// Plain arithmetic, so a `#pragma omp simd` loop around it vectorises.
-inline float erf_rational(float x) {
-  x = std::min(4.0f, std::max(-4.0f, x));
-  const float x2 = x * x;
-  float p = x2 * -2.72614225801306e-10f + 2.77068142495902e-08f;
-  p = x2 * p + -2.10102402082508e-06f;
-  p = x2 * p + -5.69250639462346e-05f;
-  p = x2 * p + -7.34990630326855e-04f;
-  p = x2 * p + -2.95459980854025e-03f;
-  p = x2 * p + -1.60960333262415e-02f;
-  float q = x2 * -1.45660718464996e-05f + -2.13374055278905e-04f;
-  q = x2 * q + -1.68282697438203e-03f;
-  q = x2 * q + -7.37332916720468e-03f;
-  q = x2 * q + -1.42647390514189e-02f;
+PIPENAG_INLINE Vf16 erf16(Vf16 x) {
+  x = vmin(vmax(x, splat(-4.0f)), splat(4.0f));
+  const Vf16 x2 = x * x;
+  Vf16 p = x2 * splat(-2.72614225801306e-10f) + splat(2.77068142495902e-08f);
+  p = x2 * p + splat(-2.10102402082508e-06f);
+  p = x2 * p + splat(-5.69250639462346e-05f);
+  p = x2 * p + splat(-7.34990630326855e-04f);
+  p = x2 * p + splat(-2.95459980854025e-03f);
+  p = x2 * p + splat(-1.60960333262415e-02f);
+  Vf16 q = x2 * splat(-1.45660718464996e-05f) + splat(-2.13374055278905e-04f);
+  q = x2 * q + splat(-1.68282697438203e-03f);
+  q = x2 * q + splat(-7.37332916720468e-03f);
+  q = x2 * q + splat(-1.42647390514189e-02f);
   return x * p / q;
 }
-
-#if PIPENAG_KERNELS_AVX512
-// Lanes [0, n) set, n in [0, 16].
-inline __mmask16 tail_mask(int n) { return static_cast<__mmask16>((1u << n) - 1u); }
-
-// e^x for 16 floats, ~1 ulp (Cephes expf polynomial on |r| <= ln2/2). Inputs are clamped so that
-// -inf gives exactly 0 and large inputs give inf; NaN propagates (training divergence must stay
-// visible). vscalefps applies 2^n without integer tricks and handles under/overflow.
-inline __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(_mm512_set1_ps(-104.0f), x);  // NaN is the second operand: kept
-  x = _mm512_min_ps(_mm512_set1_ps(88.8f), x);
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  // ln2 split in two so that n * ln2_hi is exact for |n| < 2^15.
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(p, n);
-}
-
-// erf_rational for 16 floats.
-inline __m512 erf16(__m512 x) {
-  x = _mm512_min_ps(_mm512_set1_ps(4.0f), _mm512_max_ps(_mm512_set1_ps(-4.0f), x));
-  const __m512 x2 = _mm512_mul_ps(x, x);
-  __m512 p = _mm512_fmadd_ps(x2, _mm512_set1_ps(-2.72614225801306e-10f),
-                             _mm512_set1_ps(2.77068142495902e-08f));
-  p = _mm512_fmadd_ps(x2, p, _mm512_set1_ps(-2.10102402082508e-06f));
-  p = _mm512_fmadd_ps(x2, p, _mm512_set1_ps(-5.69250639462346e-05f));
-  p = _mm512_fmadd_ps(x2, p, _mm512_set1_ps(-7.34990630326855e-04f));
-  p = _mm512_fmadd_ps(x2, p, _mm512_set1_ps(-2.95459980854025e-03f));
-  p = _mm512_fmadd_ps(x2, p, _mm512_set1_ps(-1.60960333262415e-02f));
-  __m512 q = _mm512_fmadd_ps(x2, _mm512_set1_ps(-1.45660718464996e-05f),
-                             _mm512_set1_ps(-2.13374055278905e-04f));
-  q = _mm512_fmadd_ps(x2, q, _mm512_set1_ps(-1.68282697438203e-03f));
-  q = _mm512_fmadd_ps(x2, q, _mm512_set1_ps(-7.37332916720468e-03f));
-  q = _mm512_fmadd_ps(x2, q, _mm512_set1_ps(-1.42647390514189e-02f));
-  return _mm512_div_ps(_mm512_mul_ps(x, p), q);
-}
-#endif
 
 // ---- row primitives (n >= 1 where a maximum is taken) -------------------------------------------
 
@@ -125,75 +148,64 @@ void scale_row(T* x, int n, T s, int hot = -1, T add_hot = 0) {
   if (hot >= 0) x[hot] += add_hot;
 }
 
-#if PIPENAG_KERNELS_AVX512
 template <>
-inline float row_max<float>(const float* x, int n) {
-  const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  __m512 m0 = ninf, m1 = ninf, m2 = ninf, m3 = ninf;
-  int i = 0;
-  for (; i + 64 <= n; i += 64) {
-    m0 = _mm512_max_ps(m0, _mm512_loadu_ps(x + i));
-    m1 = _mm512_max_ps(m1, _mm512_loadu_ps(x + i + 16));
-    m2 = _mm512_max_ps(m2, _mm512_loadu_ps(x + i + 32));
-    m3 = _mm512_max_ps(m3, _mm512_loadu_ps(x + i + 48));
-  }
-  for (; i + 16 <= n; i += 16) m0 = _mm512_max_ps(m0, _mm512_loadu_ps(x + i));
-  if (i < n) m1 = _mm512_max_ps(m1, _mm512_mask_loadu_ps(ninf, tail_mask(n - i), x + i));
-  return _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(m0, m1), _mm512_max_ps(m2, m3)));
-}
-
-template <>
-inline float exp_shift_store_sum<float>(float* y, const float* x, int n, float shift) {
-  const __m512 sh = _mm512_set1_ps(shift);
-  __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+PIPENAG_INLINE float row_max<float>(const float* x, int n) {
+  const float ninf = -std::numeric_limits<float>::infinity();
+  Vf16 m0 = splat(ninf), m1 = m0;
   int i = 0;
   for (; i + 32 <= n; i += 32) {
-    const __m512 e0 = exp16(_mm512_sub_ps(_mm512_loadu_ps(x + i), sh));
-    const __m512 e1 = exp16(_mm512_sub_ps(_mm512_loadu_ps(x + i + 16), sh));
-    _mm512_storeu_ps(y + i, e0);
-    _mm512_storeu_ps(y + i + 16, e1);
-    s0 = _mm512_add_ps(s0, e0);
-    s1 = _mm512_add_ps(s1, e1);
+    m0 = vmax(load16(x + i), m0);
+    m1 = vmax(load16(x + i + 16), m1);
   }
-  for (; i < n; i += 16) {
-    const __mmask16 k = tail_mask(std::min(16, n - i));
-    const __m512 e = _mm512_maskz_mov_ps(k, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + i), sh)));
-    _mm512_mask_storeu_ps(y + i, k, e);
-    s0 = _mm512_add_ps(s0, e);
-  }
-  return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+  for (; i + 16 <= n; i += 16) m0 = vmax(load16(x + i), m0);
+  if (i < n) m1 = vmax(load_partial(x + i, n - i, ninf), m1);
+  return max_lanes(vmax(m0, m1));
 }
 
+// Two sets of 16 lane sums: lanes i and i + 16 of every 32 values go to s0 and s1.
 template <>
-inline float exp_shift_sum<float>(const float* x, int n, float shift) {
-  const __m512 sh = _mm512_set1_ps(shift);
-  __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+PIPENAG_INLINE float exp_shift_store_sum<float>(float* y, const float* x, int n, float shift) {
+  const Vf16 sh = splat(shift);
+  Vf16 s0 = Vf16{}, s1 = Vf16{};
   int i = 0;
   for (; i + 32 <= n; i += 32) {
-    s0 = _mm512_add_ps(s0, exp16(_mm512_sub_ps(_mm512_loadu_ps(x + i), sh)));
-    s1 = _mm512_add_ps(s1, exp16(_mm512_sub_ps(_mm512_loadu_ps(x + i + 16), sh)));
+    const Vf16 e0 = exp16(load16(x + i) - sh), e1 = exp16(load16(x + i + 16) - sh);
+    store16(y + i, e0);
+    store16(y + i + 16, e1);
+    s0 += e0;
+    s1 += e1;
   }
   for (; i < n; i += 16) {
-    const __mmask16 k = tail_mask(std::min(16, n - i));
-    s0 = _mm512_add_ps(
-        s0, _mm512_maskz_mov_ps(k, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + i), sh))));
+    const int m = std::min(16, n - i);
+    // Padding lanes hold -inf: their exp is exactly 0 and adds nothing.
+    const Vf16 e = exp16(load_partial(x + i, m, -std::numeric_limits<float>::infinity()) - sh);
+    store_partial(y + i, e, m);
+    s0 += e;
   }
-  return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+  return sum_lanes(s0 + s1);
 }
 
 template <>
-inline void scale_row<float>(float* x, int n, float s, int hot, float add_hot) {
-  const __m512 vs = _mm512_set1_ps(s);
+PIPENAG_INLINE float exp_shift_sum<float>(const float* x, int n, float shift) {
+  const Vf16 sh = splat(shift);
+  Vf16 s0 = Vf16{}, s1 = Vf16{};
   int i = 0;
-  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(x + i, _mm512_mul_ps(_mm512_loadu_ps(x + i), vs));
-  if (i < n) {
-    const __mmask16 k = tail_mask(n - i);
-    _mm512_mask_storeu_ps(x + i, k, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, x + i), vs));
+  for (; i + 32 <= n; i += 32) {
+    s0 += exp16(load16(x + i) - sh);
+    s1 += exp16(load16(x + i + 16) - sh);
   }
+  for (; i < n; i += 16)
+    s0 += exp16(load_partial(x + i, std::min(16, n - i), -std::numeric_limits<float>::infinity()) - sh);
+  return sum_lanes(s0 + s1);
+}
+
+template <>
+PIPENAG_INLINE void scale_row<float>(float* x, int n, float s, int hot, float add_hot) {
+  const Vf16 vs = splat(s);
+  int i = 0;
+  for (; i + 16 <= n; i += 16) store16(x + i, load16(x + i) * vs);
+  for (; i < n; ++i) x[i] *= s;
   if (hot >= 0) x[hot] += add_hot;
 }
-#endif
 
 }  // namespace pipenag::kernels::detail
-
-#pragma GCC diagnostic pop
