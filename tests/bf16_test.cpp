@@ -2,7 +2,12 @@
 // bf16-rounded inputs, so only the fp32 accumulation may differ), and the whole model.
 #include <gtest/gtest.h>
 
+#include <omp.h>
+
 #include <cmath>
+#include <cstdlib>
+#include <stdexcept>
+#include <string>
 #include <cstring>
 #include <limits>
 #include <random>
@@ -18,8 +23,19 @@ namespace {
 
 using kernels::Bf16Linear;
 
-#define SKIP_WITHOUT_BF16()                                                   \
-  if (!Bf16Linear::hardware_support()) GTEST_SKIP() << "CPU has no native bf16"
+// Every backend this machine can run: emulated always, the others where the CPU (and oneDNN's
+// ISA cap) allow.
+std::vector<std::string> runnable_backends() {
+  std::vector<std::string> out = {"emulated"};
+  for (const char* b : {"avx512bf16", "onednn"}) {
+    try {
+      Bf16Linear probe(b);
+      out.push_back(b);
+    } catch (const std::invalid_argument&) {
+    }
+  }
+  return out;
+}
 
 double bf(float f) {
   uint16_t h;
@@ -59,10 +75,17 @@ struct Shape {
   int M, K, N;
 };
 class Bf16Products : public ::testing::TestWithParam<Shape> {};
+void check_products(const std::string& backend, const Shape& shape);
 
 TEST_P(Bf16Products, MatchFloat64OfRoundedInputs) {
-  SKIP_WITHOUT_BF16();
-  const auto [M, K, N] = GetParam();
+  for (const std::string& backend : runnable_backends()) {
+    SCOPED_TRACE("backend " + backend);
+    check_products(backend, GetParam());
+  }
+}
+
+void check_products(const std::string& backend, const Shape& shape) {
+  const auto [M, K, N] = shape;
   std::mt19937 rng(static_cast<unsigned>(M * 131 + K * 7 + N));
   std::normal_distribution<float> n(0, 1);
   auto rnd = [&](size_t sz) {
@@ -78,7 +101,8 @@ TEST_P(Bf16Products, MatchFloat64OfRoundedInputs) {
     return r;
   };
   const auto ri = rounded(inp), rW = rounded(W), rd = rounded(dout);
-  Bf16Linear lin;
+  Bf16Linear lin(backend);
+  ASSERT_EQ(lin.backend(), backend);
   std::vector<float> out(size_t(M) * N, NAN);
   lin.forward(out.data(), inp.data(), W.data(), b.data(), M, K, N);
   // Gradients start non-zero to check accumulation.
@@ -117,9 +141,57 @@ TEST_P(Bf16Products, MatchFloat64OfRoundedInputs) {
       ASSERT_TRUE(close(dW[j * K + k], s, mag)) << "dW " << j << "," << k;
     }
   }
-  // Null outputs are skipped; no bias is fine.
+  // Null outputs are skipped; no bias is fine; dinp can be overwritten instead of accumulated.
   lin.forward(out.data(), inp.data(), W.data(), nullptr, M, K, N);
   lin.backward(nullptr, nullptr, db.data(), dout.data(), inp.data(), W.data(), M, K, N);
+  std::vector<float> over(size_t(M) * K, NAN), acc(size_t(M) * K, 0.0f);
+  lin.backward(over.data(), nullptr, nullptr, dout.data(), inp.data(), W.data(), M, K, N, false);
+  lin.backward(acc.data(), nullptr, nullptr, dout.data(), inp.data(), W.data(), M, K, N, true);
+  EXPECT_EQ(over, acc);
+}
+
+TEST(Bf16, EveryBackendGivesTheSameBitsWithOneOrTwoThreads) {
+  const int M = 300, K = 385, N = 200;  // odd K and M: the pair padding; two threads split each
+  std::mt19937 rng(3);
+  std::normal_distribution<float> n(0, 1);
+  std::vector<float> inp(size_t(M) * K), W(size_t(N) * K), dout(size_t(M) * N), b(N);
+  for (auto* v : {&inp, &W, &dout, &b})
+    for (auto& x : *v) x = n(rng);
+  const auto backends = runnable_backends();
+  EXPECT_GE(backends.size(), Bf16Linear::hardware_support() ? 2u : 1u);
+  for (const std::string& backend : backends) {
+    std::vector<float> out[2], dinp[2], dW[2];
+    for (int t = 0; t < 2; ++t) {
+      omp_set_num_threads(t + 1);
+      Bf16Linear lin(backend);
+      out[t].assign(size_t(M) * N, 0.0f);
+      dinp[t].assign(size_t(M) * K, 0.0f);
+      dW[t].assign(size_t(N) * K, 0.0f);
+      lin.forward(out[t].data(), inp.data(), W.data(), b.data(), M, K, N);
+      lin.backward(dinp[t].data(), dW[t].data(), nullptr, dout.data(), inp.data(), W.data(), M, K, N);
+    }
+    omp_set_num_threads(2);
+    EXPECT_EQ(out[0], out[1]) << backend;
+    EXPECT_EQ(dinp[0], dinp[1]) << backend;
+    EXPECT_EQ(dW[0], dW[1]) << backend;
+  }
+}
+
+TEST(Bf16, UnknownOrUnavailableBackendsAreRefused) {
+  EXPECT_THROW(Bf16Linear("bf17"), std::invalid_argument);
+  if (!__builtin_cpu_supports("avx512bf16")) {
+    EXPECT_THROW(Bf16Linear("avx512bf16"), std::invalid_argument);
+  }
+  // The environment's choice: taken when runnable, else the default with a note saying so.
+  const std::string def = Bf16Linear::bf16_backend();
+  setenv("PIPENAG_BF16", "emulated", 1);
+  EXPECT_EQ(Bf16Linear::bf16_backend(), "emulated");
+  setenv("PIPENAG_BF16", "bf17", 1);
+  std::string note;
+  EXPECT_EQ(Bf16Linear::bf16_backend(&note), def);
+  EXPECT_NE(note.find("PIPENAG_BF16=bf17 is not a bf16 backend"), std::string::npos) << note;
+  unsetenv("PIPENAG_BF16");
+  EXPECT_EQ(Bf16Linear::bf16_backend(), def);
 }
 
 INSTANTIATE_TEST_SUITE_P(Shapes, Bf16Products,
@@ -127,7 +199,6 @@ INSTANTIATE_TEST_SUITE_P(Shapes, Bf16Products,
                                            Shape{33, 96, 65}, Shape{128, 64, 256}));
 
 TEST(Bf16, ModelLossCloseToFp32AndTrains) {
-  SKIP_WITHOUT_BF16();
   ModelConfig m;
   m.n_layer = 2;
   m.n_embd = 64;

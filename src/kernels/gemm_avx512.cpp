@@ -41,7 +41,7 @@ void microkernel(int kc, const float* __restrict a, long rs_a, long cs_a, const 
 
 }  // namespace
 
-const Microkernels kAvx512{"avx512", 6, 16, 4, 384, 96, 4096,
+const Kernels<float, float> kAvx512{"avx512", 6, 16, 4, 384, 96, 4096,
                            {&microkernel<6, 1>, &microkernel<6, 2>, &microkernel<6, 3>,
                             &microkernel<6, 4>}};
 

@@ -39,8 +39,7 @@ void linear_bwd(const UnitContext& ctx, float* din, float* dW, float* db, const 
 void linear_bwd_overwrite(const UnitContext& ctx, float* din, float* dW, float* db,
                           const float* dout, const float* in, const float* W, int M, int K, int N) {
   if (ctx.bf16) {
-    zero(din, static_cast<size_t>(M) * K);
-    ctx.bf16->backward(din, dW, db, dout, in, W, M, K, N);
+    ctx.bf16->backward(din, dW, db, dout, in, W, M, K, N, /*accumulate_dinp=*/false);
     return;
   }
   k::sgemm(false, false, M, K, N, 1.0f, dout, N, W, K, 0.0f, din, K);
