@@ -2,6 +2,8 @@
 // line on stderr and a non-zero exit status.
 #include <CLI/CLI.hpp>
 #include <cstdio>
+#include <cstdlib>
+#include <stdexcept>
 #include <iostream>
 #include <climits>
 #include <cstdint>
@@ -14,6 +16,8 @@
 #include "data/text_corpus.h"
 #include "data/tokenizer.h"
 #include "io/atomic_file.h"
+#include "kernels/kernels.h"
+#include "kernels/matmul_bf16.h"
 #include "lab/delaylab.h"
 #include "model/units.h"
 #include "pipeline/schedule.h"
@@ -76,17 +80,39 @@ std::vector<int32_t> parse_ids(const std::string& text) {
   return ids;
 }
 
+// PIPENAG_ISA (the fp32 GEMM's instruction set) and PIPENAG_BF16 (the bf16 backend) are read
+// once, here: a word that names nothing fails at once with one line; a set this CPU lacks falls
+// back to what it has, with a note on stderr.
+void check_kernel_environment() {
+  if (const char* isa = std::getenv("PIPENAG_ISA")) {
+    try {
+      const std::string note = kernels::set_gemm_isa(isa);
+      if (!note.empty()) std::fprintf(stderr, "pipenag: note: %s\n", note.c_str());
+    } catch (const std::invalid_argument& e) {
+      throw Error(e.what());
+    }
+  }
+  if (const char* b = std::getenv("PIPENAG_BF16")) {
+    const std::string want = b;
+    if (!want.empty() && want != "auto" && want != "avx512bf16" && want != "onednn" && want != "emulated")
+      throw Error("unknown bf16 backend '" + want + "' in PIPENAG_BF16 (auto | avx512bf16 | onednn | emulated)");
+    std::string note;
+    kernels::Bf16Linear::bf16_backend(&note);
+    if (!note.empty()) std::fprintf(stderr, "pipenag: note: %s\n", note.c_str());
+  }
+}
+
 void print_bench_table(const std::vector<BenchResult>& rs, const BenchOptions& o) {
   std::printf("pipenag bench: %d layers, d=%d, %d heads, context %d, batch %d, %d threads, %d steps after %d warm-up\n",
               o.model.n_layer, o.model.n_embd, o.model.n_head, o.model.block_size, o.batch_size,
               o.threads, o.steps, o.warmup);
   std::printf("peak FP32 FMA rate measured now: %.1f GFLOP/s\n\n", rs.empty() ? 0.0 : rs[0].peak_gflops);
-  std::printf("| vocab | dtype | params | tokens/s (mean) | tokens/s (median) | GFLOP/s | MFU |\n");
-  std::printf("|------:|:-----:|-------:|----------------:|------------------:|--------:|----:|\n");
+  std::printf("| vocab | dtype | products | params | tokens/s (mean) | tokens/s (median) | GFLOP/s | MFU |\n");
+  std::printf("|------:|:-----:|:---------|-------:|----------------:|------------------:|--------:|----:|\n");
   for (const auto& r : rs)
-    std::printf("| %d | %s | %.2fM | %.0f | %.0f | %.1f | %.1f%% |\n", r.vocab, r.dtype.c_str(),
-                static_cast<double>(r.params) / 1e6, r.tokens_per_s, r.tokens_per_s_median,
-                r.gflops, 100.0 * r.mfu);
+    std::printf("| %d | %s | %s | %.2fM | %.0f | %.0f | %.1f | %.1f%% |\n", r.vocab, r.dtype.c_str(),
+                r.kernels.c_str(), static_cast<double>(r.params) / 1e6, r.tokens_per_s,
+                r.tokens_per_s_median, r.gflops, 100.0 * r.mfu);
 }
 
 }  // namespace
@@ -217,6 +243,7 @@ int main(int argc, char** argv) {
   }
 
   try {
+    check_kernel_environment();
     if (*train_cmd) {
       const Config cfg = load_config(config_path, overrides);
       const TrainResult r = train(cfg, topt);

@@ -67,6 +67,53 @@ TEST_F(Cli, TrainsWritesMetricsAndCheckpoint) {
   EXPECT_EQ(s.out.size(), std::string("the union").size() + 20 + 1);
 }
 
+// The fp32 products are one FMA chain per element on every instruction set (src/kernels/gemm.h),
+// and the bf16 ones do not depend on the thread count: a run gives the same bytes whichever
+// kernels the CPU picks, with one thread per stage or two threads for one stage.
+TEST_F(Cli, KernelChoiceAndThreadCountDoNotChangeABit) {
+  std::vector<std::string> isas = {"generic"};
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) isas.push_back("avx2");
+  if (__builtin_cpu_supports("avx512f")) isas.push_back("avx512");
+  std::string first;
+  for (const std::string& isa : isas)
+    for (const char* engine : {"threads", "sequential"}) {
+      const fs::path out = dir_ / ("out_" + isa + "_" + engine);
+      const RunResult r = run_command(
+          "PIPENAG_ISA=" + isa + " " + PIPENAG_BINARY + " train -q " + cfg() + " --set out.dir=" +
+              out.string() + " --set pipeline.stages=2 --set pipeline.schedule=async-1f1b" +
+              " --set pipeline.engine=" + engine + " --set train.steps=4 --set train.eval_every=0",
+          dir_);
+      ASSERT_EQ(r.code, 0) << isa << " " << engine << ": " << r.err;
+      const std::string bytes = slurp(out / "checkpoint" / "model.safetensors");
+      ASSERT_FALSE(bytes.empty());
+      if (first.empty()) first = bytes;
+      EXPECT_TRUE(bytes == first) << isa << " " << engine << " differs from " << isas[0] << " threads";
+    }
+  // bf16 (whatever backend this CPU has): the engines, and so the thread counts, agree too.
+  std::string bf;
+  for (const char* engine : {"threads", "sequential"}) {
+    const fs::path out = dir_ / (std::string("bf16_") + engine);
+    const RunResult r = run("train -q " + cfg() + " --set out.dir=" + out.string() +
+                            " --set train.bf16=true --set pipeline.stages=2 --set pipeline.engine=" +
+                            engine + " --set train.steps=4 --set train.eval_every=0");
+    ASSERT_EQ(r.code, 0) << r.err;
+    const std::string bytes = slurp(out / "checkpoint" / "model.safetensors");
+    if (bf.empty()) bf = bytes;
+    EXPECT_TRUE(bytes == bf) << "bf16 " << engine;
+  }
+  EXPECT_FALSE(bf == first);  // it really ran in bf16
+}
+
+TEST_F(Cli, BadKernelEnvironmentIsOneLine) {
+  for (const char* env : {"PIPENAG_ISA=avx1024", "PIPENAG_BF16=fp8"}) {
+    const RunResult r = run_command(std::string(env) + " " + PIPENAG_BINARY + " train " + cfg(), dir_);
+    EXPECT_EQ(r.code, 1) << env;
+    EXPECT_THAT(r.err, StartsWith("pipenag: unknown ")) << env;
+    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+  }
+  EXPECT_FALSE(fs::exists(dir_ / "out" / "checkpoint"));
+}
+
 TEST_F(Cli, ResumeIsBitIdenticalToUninterruptedRun) {
   ASSERT_EQ(run("train -q " + cfg() + " --set out.dir=" + (dir_ / "full").string()).code, 0);
   const RunResult a = run("train -q " + cfg() + " --set out.dir=" + (dir_ / "split").string() + " --stop-at 4");

@@ -33,6 +33,8 @@ class Stage {
   // bf16 matrix products (fp32 master weights and accumulation).
   void set_bf16(bool on);
   bool bf16() const { return bf16_ != nullptr; }
+  // The bf16 backend in use ("" without bf16): see kernels/matmul_bf16.h.
+  std::string bf16_backend() const { return bf16_ ? bf16_->backend() : std::string(); }
   int micro_batch_size() const { return B_; }
   int num_slots() const { return static_cast<int>(slots_.size()); }
   bool has_embedding() const { return first_ == 0; }

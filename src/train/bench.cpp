@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 #include <random>
 
+#include "kernels/kernels.h"
 #include "optim/adamw.h"
 #include "optim/grad_clip.h"
 #include "pipeline/stage.h"
@@ -67,12 +68,13 @@ std::vector<BenchResult> run_bench(const BenchOptions& opt) {
       r.gflops = r.tokens_per_s * r.flops_per_token / 1e9;
       r.peak_gflops = peak;
       r.mfu = r.gflops / peak;
+      r.kernels = stage.bf16() ? "bf16 " + stage.bf16_backend() : std::string("fp32 GEMM ") + kernels::gemm_isa();
       out.push_back(r);
       if (opt.json) {
         nlohmann::json j{{"vocab", vocab}, {"dtype", dtype}, {"tokens_per_s", r.tokens_per_s},
                          {"tokens_per_s_median", r.tokens_per_s_median}, {"gflops", r.gflops},
                          {"mfu", r.mfu}, {"peak_gflops", peak}, {"threads", opt.threads},
-                         {"steps", opt.steps}, {"params", r.params}};
+                         {"steps", opt.steps}, {"params", r.params}, {"kernels", r.kernels}};
         std::printf("%s\n", j.dump().c_str());
         std::fflush(stdout);
       }

@@ -26,6 +26,7 @@ struct BenchResult {
   double tokens_per_s = 0, tokens_per_s_median = 0, gflops = 0, mfu = 0, peak_gflops = 0;
   double flops_per_token = 0;
   size_t params = 0;
+  std::string kernels;  // what ran the products: "fp32 GEMM avx512" / "bf16 avx512bf16"
 };
 
 std::vector<BenchResult> run_bench(const BenchOptions& opt);

@@ -18,6 +18,7 @@
 #include "data/token_file.h"
 #include "data/tokenizer.h"
 #include "io/atomic_file.h"
+#include "kernels/kernels.h"
 #include "model/units.h"
 #include "optim/grad_clip.h"
 #include "optim/lr_schedule.h"
@@ -325,6 +326,9 @@ TrainResult train(const Config& user_cfg, const TrainOptions& opt) {
                   n_params, cfg.model.n_layer, cfg.model.n_embd, cfg.model.n_head, T,
                   cfg.model.vocab_size, data.train_file.size(), data.val_file.size(), cores);
     progress.message(buf);
+    std::string products = std::string("products: fp32 GEMM ") + kernels::gemm_isa();
+    if (cfg.train.bf16) products += ", bf16 " + ws.front()->stage().bf16_backend();
+    progress.message(products);
     if (P > 1 || M > 1) {
       std::string blocks;
       for (int b : blocks_per_stage(cfg.model, cfg.pipeline))
