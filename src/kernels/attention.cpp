@@ -38,13 +38,14 @@ PIPENAG_DISPATCH void attention_forward(T* out, T* att, const T* qkv, int B, int
       const int rows = std::min(kBlock, T_ - r0);
       const int keys = r0 + rows;
       T* ab = a + static_cast<size_t>(r0) * T_;
-      sgemm<T>(false, true, rows, keys, hs, scale, q + static_cast<size_t>(r0) * C3, C3, k, C3, 0,
-               ab, T_);
+      // Scores unscaled (alpha = 1 lets the GEMM read q in place); the softmax applies the scale.
+      sgemm<T>(false, true, rows, keys, hs, 1, q + static_cast<size_t>(r0) * C3, C3, k, C3, 0, ab,
+               T_);
       for (int t = r0; t < keys; ++t) {
         T* row = a + static_cast<size_t>(t) * T_;
         const int n = t + 1;
         const T mx = detail::row_max(row, n);
-        const T sum = detail::exp_shift_store_sum(row, row, n, mx);
+        const T sum = detail::exp_shift_store_sum(row, row, n, mx, scale);
         detail::scale_row(row, n, T(1) / sum);
         // The P @ V product below spans the whole diagonal block, and the backward reads these
         // zeros too: the masked entries must be exactly 0.
@@ -83,8 +84,8 @@ PIPENAG_DISPATCH void attention_backward(T* dqkv, const T* dout, const T* qkv, c
     const T* a = att + p * TT;
     const T* dO = dout + static_cast<size_t>(b) * T_ * C + static_cast<size_t>(h) * hs;
 
-    // Row blocks: dP = dO V^T, then the softmax backward dS = P * (dP - rowsum(P * dP)) in place,
-    // then dQ += scale * dS K.
+    // Row blocks: dP = dO V^T, then the softmax backward dS = scale * P * (dP - rowsum(P * dP))
+    // in place (the scale folded in, so that the GEMMs below read dS in place), then dQ += dS K.
     for (int r0 = 0; r0 < T_; r0 += kBlock) {
       const int rows = std::min(kBlock, T_ - r0);
       const int keys = r0 + rows;
@@ -99,19 +100,19 @@ PIPENAG_DISPATCH void attention_backward(T* dqkv, const T* dout, const T* qkv, c
 #pragma omp simd reduction(+ : dot)
         for (int j = 0; j < n; ++j) dot += pr[j] * d[j];
 #pragma omp simd
-        for (int j = 0; j < n; ++j) d[j] = pr[j] * (d[j] - dot);
+        for (int j = 0; j < n; ++j) d[j] = scale * (pr[j] * (d[j] - dot));
         std::fill(d + n, d + keys, T(0));
       }
-      sgemm<T>(false, false, rows, hs, keys, scale, dsb, T_, k, C3, 1,
-               dq + static_cast<size_t>(r0) * C3, C3);
+      sgemm<T>(false, false, rows, hs, keys, 1, dsb, T_, k, C3, 1, dq + static_cast<size_t>(r0) * C3,
+               C3);
     }
-    // Key blocks: only rows at or below the block meet it. dK += scale * dS^T Q, dV += P^T dO.
+    // Key blocks: only rows at or below the block meet it. dK += dS^T Q, dV += P^T dO.
     for (int c0 = 0; c0 < T_; c0 += kBlock) {
       const int cols = std::min(kBlock, T_ - c0);
       const int nr = T_ - c0;
       const size_t diag = static_cast<size_t>(c0) * T_ + c0;
-      sgemm<T>(true, false, cols, hs, nr, scale, ds + diag, T_, q + static_cast<size_t>(c0) * C3,
-               C3, 1, dk + static_cast<size_t>(c0) * C3, C3);
+      sgemm<T>(true, false, cols, hs, nr, 1, ds + diag, T_, q + static_cast<size_t>(c0) * C3, C3, 1,
+               dk + static_cast<size_t>(c0) * C3, C3);
       sgemm<T>(true, false, cols, hs, nr, 1, a + diag, T_, dO + static_cast<size_t>(c0) * C, C, 1,
                dv + static_cast<size_t>(c0) * C3, C3);
     }

@@ -122,12 +122,12 @@ T row_max(const T* x, int n) {
   return m;
 }
 
-// y[i] = exp(x[i] - shift) (y may be x); returns the sum of the y.
+// y[i] = exp((x[i] - shift) * scale) (y may be x); returns the sum of the y.
 template <typename T>
-T exp_shift_store_sum(T* y, const T* x, int n, T shift) {
+T exp_shift_store_sum(T* y, const T* x, int n, T shift, T scale = 1) {
   T s = 0;
   for (int i = 0; i < n; ++i) {
-    y[i] = std::exp(x[i] - shift);
+    y[i] = std::exp((x[i] - shift) * scale);
     s += y[i];
   }
   return s;
@@ -164,12 +164,13 @@ PIPENAG_INLINE float row_max<float>(const float* x, int n) {
 
 // Two sets of 16 lane sums: lanes i and i + 16 of every 32 values go to s0 and s1.
 template <>
-PIPENAG_INLINE float exp_shift_store_sum<float>(float* y, const float* x, int n, float shift) {
-  const Vf16 sh = splat(shift);
+PIPENAG_INLINE float exp_shift_store_sum<float>(float* y, const float* x, int n, float shift,
+                                                float scale) {
+  const Vf16 sh = splat(shift), sc = splat(scale);
   Vf16 s0 = Vf16{}, s1 = Vf16{};
   int i = 0;
   for (; i + 32 <= n; i += 32) {
-    const Vf16 e0 = exp16(load16(x + i) - sh), e1 = exp16(load16(x + i + 16) - sh);
+    const Vf16 e0 = exp16((load16(x + i) - sh) * sc), e1 = exp16((load16(x + i + 16) - sh) * sc);
     store16(y + i, e0);
     store16(y + i + 16, e1);
     s0 += e0;
@@ -178,7 +179,7 @@ PIPENAG_INLINE float exp_shift_store_sum<float>(float* y, const float* x, int n,
   for (; i < n; i += 16) {
     const int m = std::min(16, n - i);
     // Padding lanes hold -inf: their exp is exactly 0 and adds nothing.
-    const Vf16 e = exp16(load_partial(x + i, m, -std::numeric_limits<float>::infinity()) - sh);
+    const Vf16 e = exp16((load_partial(x + i, m, -std::numeric_limits<float>::infinity()) - sh) * sc);
     store_partial(y + i, e, m);
     s0 += e;
   }
