@@ -766,6 +766,31 @@ TEST(Conventions, BackwardsAccumulate) {
                   M * K);
 }
 
+TEST(Conventions, OverwriteEqualsAccumulateIntoZeros) {
+  // accumulate = false ignores what the buffer held (NaN here) and writes what accumulating into
+  // zeros writes, bit for bit.
+  Rng g(17);
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  auto same = [&](const std::string& what, const std::function<void(float*, bool)>& back, size_t n) {
+    std::vector<float> acc(n, 0.0f), over(n, nan);
+    back(acc.data(), true);
+    back(over.data(), false);
+    EXPECT_EQ(std::memcmp(acc.data(), over.data(), n * sizeof(float)), 0) << what;
+  };
+  const size_t n = 40000;
+  const auto x = to<float>(randn(n, g)), dy = to<float>(randn(n, g));
+  same("relu", [&](float* p, bool a) { k::relu_backward(p, dy.data(), x.data(), n, a); }, n);
+  same("gelu", [&](float* p, bool a) { k::gelu_backward(p, dy.data(), x.data(), n, a); }, n);
+  const int B = 2, T = 150, C = 64, NH = 4;
+  const auto qkv = to<float>(randn(B * T * 3 * C, g)), ado = to<float>(randn(B * T * C, g));
+  std::vector<float> att(B * NH * T * T), aout(B * T * C);
+  std::vector<float> scratch(k::attention_backward_scratch_floats(B, T, C, NH));
+  k::attention_forward(aout.data(), att.data(), qkv.data(), B, T, C, NH);
+  same("attention", [&](float* p, bool a) {
+    k::attention_backward(p, ado.data(), qkv.data(), att.data(), B, T, C, NH, scratch.data(), a);
+  }, qkv.size());
+}
+
 // ================================ float vs double =================================================
 
 TEST(FloatVsDouble, Linear) {

@@ -63,13 +63,16 @@ size_t attention_backward_scratch_floats(int B, int T, int C, int NH) {
 }
 
 template <typename T>
-PIPENAG_DISPATCH void attention_backward(T* dqkv, const T* dout, const T* qkv, const T* att, int B, int T_, int C,
-                        int NH, T* scratch) {
+PIPENAG_DISPATCH void attention_backward(T* dqkv, const T* dout, const T* qkv, const T* att, int B,
+                                         int T_, int C, int NH, T* scratch, bool accumulate) {
   if (!dqkv) return;
   const int hs = C / NH;
   const int C3 = 3 * C;
   const T scale = T(1) / std::sqrt(static_cast<T>(hs));
   const size_t TT = static_cast<size_t>(T_) * T_;
+  // Every row of dQ, dK and dV is written by exactly one product below: with beta = 0 they
+  // overwrite instead of accumulating.
+  const T beta = accumulate ? T(1) : T(0);
 #pragma omp parallel for schedule(static)
   for (int p = 0; p < B * NH; ++p) {
     const int b = p / NH, h = p % NH;
@@ -103,17 +106,17 @@ PIPENAG_DISPATCH void attention_backward(T* dqkv, const T* dout, const T* qkv, c
         for (int j = 0; j < n; ++j) d[j] = scale * (pr[j] * (d[j] - dot));
         std::fill(d + n, d + keys, T(0));
       }
-      sgemm<T>(false, false, rows, hs, keys, 1, dsb, T_, k, C3, 1, dq + static_cast<size_t>(r0) * C3,
-               C3);
+      sgemm<T>(false, false, rows, hs, keys, 1, dsb, T_, k, C3, beta,
+               dq + static_cast<size_t>(r0) * C3, C3);
     }
     // Key blocks: only rows at or below the block meet it. dK += dS^T Q, dV += P^T dO.
     for (int c0 = 0; c0 < T_; c0 += kBlock) {
       const int cols = std::min(kBlock, T_ - c0);
       const int nr = T_ - c0;
       const size_t diag = static_cast<size_t>(c0) * T_ + c0;
-      sgemm<T>(true, false, cols, hs, nr, 1, ds + diag, T_, q + static_cast<size_t>(c0) * C3, C3, 1,
-               dk + static_cast<size_t>(c0) * C3, C3);
-      sgemm<T>(true, false, cols, hs, nr, 1, a + diag, T_, dO + static_cast<size_t>(c0) * C, C, 1,
+      sgemm<T>(true, false, cols, hs, nr, 1, ds + diag, T_, q + static_cast<size_t>(c0) * C3, C3,
+               beta, dk + static_cast<size_t>(c0) * C3, C3);
+      sgemm<T>(true, false, cols, hs, nr, 1, a + diag, T_, dO + static_cast<size_t>(c0) * C, C, beta,
                dv + static_cast<size_t>(c0) * C3, C3);
     }
   }
@@ -121,7 +124,7 @@ PIPENAG_DISPATCH void attention_backward(T* dqkv, const T* dout, const T* qkv, c
 
 #define PIPENAG_INSTANTIATE(T)                                                                  \
   template void attention_forward<T>(T*, T*, const T*, int, int, int, int);                   \
-  template void attention_backward<T>(T*, const T*, const T*, const T*, int, int, int, int, T*);
+  template void attention_backward<T>(T*, const T*, const T*, const T*, int, int, int, int, T*, bool);
 PIPENAG_INSTANTIATE(float)
 PIPENAG_INSTANTIATE(double)
 #undef PIPENAG_INSTANTIATE

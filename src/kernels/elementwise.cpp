@@ -49,12 +49,21 @@ void relu_forward(T* out, const T* inp, size_t n) {
 }
 
 template <typename T>
-void relu_backward(T* dinp, const T* dout, const T* inp, size_t n) {
+void relu_backward(T* dinp, const T* dout, const T* inp, size_t n, bool accumulate) {
   parallel_chunks(n, [=](size_t b, size_t e) {
+    // dout is loaded unconditionally: a select vectorises, a guarded load not.
+    if (accumulate) {
 #pragma omp simd
-    for (size_t i = b; i < e; ++i) {
-      const T d = dout[i];  // loaded unconditionally: a select vectorises, a guarded load not
-      dinp[i] += inp[i] > 0 ? d : T(0);
+      for (size_t i = b; i < e; ++i) {
+        const T d = dout[i];
+        dinp[i] += inp[i] > 0 ? d : T(0);
+      }
+    } else {
+#pragma omp simd
+      for (size_t i = b; i < e; ++i) {
+        const T d = dout[i];
+        dinp[i] = inp[i] > 0 ? d : T(0);
+      }
     }
   });
 }
@@ -78,7 +87,7 @@ PIPENAG_DISPATCH void gelu_forward(T* out, const T* inp, size_t n) {
 }
 
 template <typename T>
-PIPENAG_DISPATCH void gelu_backward(T* dinp, const T* dout, const T* inp, size_t n) {
+PIPENAG_DISPATCH void gelu_backward(T* dinp, const T* dout, const T* inp, size_t n, bool accumulate) {
   parallel_chunks(n, [=](size_t b, size_t e) {
     size_t i = b;
     if constexpr (std::is_same_v<T, float>) {
@@ -91,12 +100,12 @@ PIPENAG_DISPATCH void gelu_backward(T* dinp, const T* dout, const T* inp, size_t
         const Vf16 cdf = splat(0.5f) * (splat(1.0f) + detail::erf16(x * k));
         const Vf16 pdf = kpdf * detail::exp16(splat(-0.5f) * (x * x));
         const Vf16 g = x * pdf + cdf;
-        detail::store_partial(dinp + i, detail::load_partial(dinp + i, m, 0.0f) +
-                                            g * detail::load_partial(dout + i, m, 0.0f), m);
+        const Vf16 d = g * detail::load_partial(dout + i, m, 0.0f);
+        detail::store_partial(dinp + i, accumulate ? detail::load_partial(dinp + i, m, 0.0f) + d : d, m);
       }
       return;
     }
-    for (; i < e; ++i) dinp[i] += gelu_grad_scalar(inp[i]) * dout[i];
+    for (; i < e; ++i) dinp[i] = (accumulate ? dinp[i] : T(0)) + gelu_grad_scalar(inp[i]) * dout[i];
   });
 }
 
@@ -110,9 +119,9 @@ void add(T* out, const T* a, const T* b, size_t n) {
 
 #define PIPENAG_INSTANTIATE(T)                                             \
   template void relu_forward<T>(T*, const T*, size_t);                     \
-  template void relu_backward<T>(T*, const T*, const T*, size_t);          \
+  template void relu_backward<T>(T*, const T*, const T*, size_t, bool);    \
   template void gelu_forward<T>(T*, const T*, size_t);                     \
-  template void gelu_backward<T>(T*, const T*, const T*, size_t);          \
+  template void gelu_backward<T>(T*, const T*, const T*, size_t, bool);    \
   template void add<T>(T*, const T*, const T*, size_t);
 PIPENAG_INSTANTIATE(float)
 PIPENAG_INSTANTIATE(double)

@@ -41,7 +41,7 @@ void microkernel(int kc, const float* __restrict a, long rs_a, long cs_a, const 
 
 }  // namespace
 
-const Kernels<float, float> kAvx2{"avx2", 6, 8, 2, 256, 96, 4096,
+const Kernels<float, float> kAvx2{"avx2", 6, 8, 2, 512, 96, 4096,
                          {&microkernel<6, 1>, &microkernel<6, 2>, nullptr, nullptr}};
 
 }  // namespace pipenag::kernels::gemm

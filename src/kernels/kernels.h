@@ -6,7 +6,8 @@
 //
 // Gradient convention: every backward ACCUMULATES (+=) into every gradient output, parameter or
 // activation; callers zero the buffers they need zeroed. A null gradient pointer means "not
-// needed" and is skipped.
+// needed" and is skipped. Where a caller would only zero a buffer to accumulate into it once,
+// an `accumulate = false` argument overwrites it instead (same values, one memory pass less).
 //
 // Scalar arguments that are not pointers (alpha, beta, grad_scale) never take part in deducing T,
 // so a call with float pointers and a double literal still picks T = float. The context length
@@ -66,19 +67,19 @@ void attention_forward(T* out, T* att, const T* qkv, int B, int T_, int C, int N
 size_t attention_backward_scratch_floats(int B, int T, int C, int NH);
 template <typename T>
 void attention_backward(T* dqkv, const T* dout, const T* qkv, const T* att, int B, int T_, int C,
-                        int NH, T* scratch);
+                        int NH, T* scratch, bool accumulate = true);
 
 // ---- elementwise ----------------------------------------------------------------------------------
 template <typename T>
 void relu_forward(T* out, const T* inp, size_t n);
 template <typename T>
-void relu_backward(T* dinp, const T* dout, const T* inp, size_t n);
+void relu_backward(T* dinp, const T* dout, const T* inp, size_t n, bool accumulate = true);
 // Exact GELU, 0.5 x (1 + erf(x / sqrt 2)), as PyTorch's nn.GELU() default (the float version
 // uses a rational erf approximation accurate to a few ulp).
 template <typename T>
 void gelu_forward(T* out, const T* inp, size_t n);
 template <typename T>
-void gelu_backward(T* dinp, const T* dout, const T* inp, size_t n);
+void gelu_backward(T* dinp, const T* dout, const T* inp, size_t n, bool accumulate = true);
 // out = a + b
 template <typename T>
 void add(T* out, const T* a, const T* b, size_t n);

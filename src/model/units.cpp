@@ -50,9 +50,10 @@ void activation_forward(Activation a, float* out, const float* in, size_t n) {
   if (a == Activation::ReLU) k::relu_forward(out, in, n);
   else k::gelu_forward(out, in, n);
 }
+// din = activation'(in) * dout (overwritten).
 void activation_backward(Activation a, float* din, const float* dout, const float* in, size_t n) {
-  if (a == Activation::ReLU) k::relu_backward(din, dout, in, n);
-  else k::gelu_backward(din, dout, in, n);
+  if (a == Activation::ReLU) k::relu_backward(din, dout, in, n, /*accumulate=*/false);
+  else k::gelu_backward(din, dout, in, n, /*accumulate=*/false);
 }
 
 class EmbeddingUnit final : public Unit {
@@ -173,7 +174,6 @@ class BlockUnit final : public Unit {
     std::memcpy(dxmid, dout, MC * sizeof(float));
     linear_bwd_overwrite(ctx, dfca, g + P[9].offset, g + P[10].offset, dout, a.fca, w + P[9].offset, M,
                        4 * C, C);
-    zero(dfc, 4 * MC);
     activation_backward(cfg_.activation, dfc, dfca, a.fc, 4 * MC);
     linear_bwd_overwrite(ctx, dln, g + P[7].offset, g + P[8].offset, dfc, a.ln2, w + P[7].offset, M, C,
                        4 * C);
@@ -182,9 +182,8 @@ class BlockUnit final : public Unit {
     k::add(din, din, dxmid, MC);
     linear_bwd_overwrite(ctx, datty, g + P[3].offset, g + P[4].offset, dxmid, a.atty, w + P[3].offset, M,
                        C, C);
-    zero(dqkv, 3 * MC);
     k::attention_backward(dqkv, datty, a.qkv, a.att, ctx.B, cfg_.block_size, C, cfg_.n_head,
-                          att_scratch);
+                          att_scratch, /*accumulate=*/false);
     linear_bwd_overwrite(ctx, dln, g + P[2].offset, static_cast<float*>(nullptr), dqkv, a.ln1,
                        w + P[2].offset, M, C, 3 * C);
     k::layernorm_backward(din, g + P[0].offset, g + P[1].offset, dln, in, w + P[0].offset, a.mean1,
