@@ -1,16 +1,19 @@
-// Causal self-attention on BLAS. Each (batch, head) pair is independent and runs on one thread;
-// OpenBLAS (OpenMP build) sees it is inside a parallel region and stays single-threaded, so the
-// split of pairs over threads cannot change any result.
+// Causal self-attention on the GEMM microkernels. Each (batch, head) pair is independent and
+// runs on one thread, so the split of pairs over threads cannot change any result.
 //
 // Causality is exploited in blocks of kBlock rows: row block i only meets key blocks 0..i, so
 // about half of the dense T x T work is skipped. Inside the diagonal block the few entries above
-// the diagonal are computed and then zeroed (cheaper than smaller GEMMs).
+// the diagonal are computed and then zeroed (cheaper than smaller GEMMs). The matrices that every
+// block multiplies by (K^T and V in the forward; V^T, K, Q and dO in the backward) are packed for
+// the microkernels once per pair (gemm_packed_b), not once per block; each product is the same
+// multiply-add chain the plain GEMM computes.
 #include <omp.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
 
+#include "kernels/gemm_driver.h"
 #include "kernels/kernels.h"
 #include "kernels/vec_math.h"
 
@@ -18,6 +21,13 @@ namespace pipenag::kernels {
 
 namespace {
 constexpr int kBlock = 64;
+
+// This thread's packed operands of one (batch, head) pair: `count` matrices of `each` elements.
+thread_local gemm::PackBuffer t_attention_pack;
+template <typename T>
+T* packed_operands(size_t each, int count) {
+  return t_attention_pack.get<T>(each * static_cast<size_t>(count));
+}
 }  // namespace
 
 template <typename T>
@@ -26,6 +36,8 @@ PIPENAG_DISPATCH void attention_forward(T* out, T* att, const T* qkv, int B, int
   const int C3 = 3 * C;
   const T scale = T(1) / std::sqrt(static_cast<T>(hs));
   const size_t TT = static_cast<size_t>(T_) * T_;
+  const auto& uk = gemm::fp_kernels<T>();
+  const size_t each = std::max(gemm::packed_b_size(uk, hs, T_), gemm::packed_b_size(uk, T_, hs));
 #pragma omp parallel for schedule(static)
   for (int p = 0; p < B * NH; ++p) {
     const int b = p / NH, h = p % NH;
@@ -34,13 +46,17 @@ PIPENAG_DISPATCH void attention_forward(T* out, T* att, const T* qkv, int B, int
     const T* v = q + 2 * C;
     T* a = att + p * TT;
     T* o = out + static_cast<size_t>(b) * T_ * C + static_cast<size_t>(h) * hs;
+    T* kt = packed_operands<T>(each, 2);  // K^T: hs x T
+    T* vp = kt + each;                    // V:   T x hs
+    gemm::pack_b_all(uk, kt, k, C3, true, hs, T_);
+    gemm::pack_b_all(uk, vp, v, C3, false, T_, hs);
     for (int r0 = 0; r0 < T_; r0 += kBlock) {
       const int rows = std::min(kBlock, T_ - r0);
       const int keys = r0 + rows;
       T* ab = a + static_cast<size_t>(r0) * T_;
       // Scores unscaled (alpha = 1 lets the GEMM read q in place); the softmax applies the scale.
-      sgemm<T>(false, true, rows, keys, hs, 1, q + static_cast<size_t>(r0) * C3, C3, k, C3, 0, ab,
-               T_);
+      gemm::gemm_packed_b(uk, false, rows, keys, hs, q + static_cast<size_t>(r0) * C3, C3, kt, hs,
+                          0, T(0), ab, T_);
       for (int t = r0; t < keys; ++t) {
         T* row = a + static_cast<size_t>(t) * T_;
         const int n = t + 1;
@@ -51,8 +67,8 @@ PIPENAG_DISPATCH void attention_forward(T* out, T* att, const T* qkv, int B, int
         // zeros too: the masked entries must be exactly 0.
         std::fill(row + n, row + keys, T(0));
       }
-      sgemm<T>(false, false, rows, hs, keys, 1, ab, T_, v, C3, 0, o + static_cast<size_t>(r0) * C,
-               C);
+      gemm::gemm_packed_b(uk, false, rows, hs, keys, ab, T_, vp, T_, 0, T(0),
+                          o + static_cast<size_t>(r0) * C, C);
     }
   }
 }
@@ -73,6 +89,8 @@ PIPENAG_DISPATCH void attention_backward(T* dqkv, const T* dout, const T* qkv, c
   // Every row of dQ, dK and dV is written by exactly one product below: with beta = 0 they
   // overwrite instead of accumulating.
   const T beta = accumulate ? T(1) : T(0);
+  const auto& uk = gemm::fp_kernels<T>();
+  const size_t each = std::max(gemm::packed_b_size(uk, hs, T_), gemm::packed_b_size(uk, T_, hs));
 #pragma omp parallel for schedule(static)
   for (int p = 0; p < B * NH; ++p) {
     const int b = p / NH, h = p % NH;
@@ -86,6 +104,14 @@ PIPENAG_DISPATCH void attention_backward(T* dqkv, const T* dout, const T* qkv, c
     T* dv = dq + 2 * C;
     const T* a = att + p * TT;
     const T* dO = dout + static_cast<size_t>(b) * T_ * C + static_cast<size_t>(h) * hs;
+    T* vt = packed_operands<T>(each, 4);  // V^T: hs x T
+    T* kp = vt + each;                    // K, Q, dO: T x hs
+    T* qp = kp + each;
+    T* dop = qp + each;
+    gemm::pack_b_all(uk, vt, v, C3, true, hs, T_);
+    gemm::pack_b_all(uk, kp, k, C3, false, T_, hs);
+    gemm::pack_b_all(uk, qp, q, C3, false, T_, hs);
+    gemm::pack_b_all(uk, dop, dO, C, false, T_, hs);
 
     // Row blocks: dP = dO V^T, then the softmax backward dS = scale * P * (dP - rowsum(P * dP))
     // in place (the scale folded in, so that the GEMMs below read dS in place), then dQ += dS K.
@@ -93,8 +119,8 @@ PIPENAG_DISPATCH void attention_backward(T* dqkv, const T* dout, const T* qkv, c
       const int rows = std::min(kBlock, T_ - r0);
       const int keys = r0 + rows;
       T* dsb = ds + static_cast<size_t>(r0) * T_;
-      sgemm<T>(false, true, rows, keys, hs, 1, dO + static_cast<size_t>(r0) * C, C, v, C3, 0, dsb,
-               T_);
+      gemm::gemm_packed_b(uk, false, rows, keys, hs, dO + static_cast<size_t>(r0) * C, C, vt, hs, 0,
+                          T(0), dsb, T_);
       for (int t = r0; t < keys; ++t) {
         T* d = ds + static_cast<size_t>(t) * T_;
         const T* pr = a + static_cast<size_t>(t) * T_;
@@ -106,18 +132,18 @@ PIPENAG_DISPATCH void attention_backward(T* dqkv, const T* dout, const T* qkv, c
         for (int j = 0; j < n; ++j) d[j] = scale * (pr[j] * (d[j] - dot));
         std::fill(d + n, d + keys, T(0));
       }
-      sgemm<T>(false, false, rows, hs, keys, 1, dsb, T_, k, C3, beta,
-               dq + static_cast<size_t>(r0) * C3, C3);
+      gemm::gemm_packed_b(uk, false, rows, hs, keys, dsb, T_, kp, T_, 0, beta,
+                          dq + static_cast<size_t>(r0) * C3, C3);
     }
     // Key blocks: only rows at or below the block meet it. dK += dS^T Q, dV += P^T dO.
     for (int c0 = 0; c0 < T_; c0 += kBlock) {
       const int cols = std::min(kBlock, T_ - c0);
       const int nr = T_ - c0;
       const size_t diag = static_cast<size_t>(c0) * T_ + c0;
-      sgemm<T>(true, false, cols, hs, nr, 1, ds + diag, T_, q + static_cast<size_t>(c0) * C3, C3,
-               beta, dk + static_cast<size_t>(c0) * C3, C3);
-      sgemm<T>(true, false, cols, hs, nr, 1, a + diag, T_, dO + static_cast<size_t>(c0) * C, C, beta,
-               dv + static_cast<size_t>(c0) * C3, C3);
+      gemm::gemm_packed_b(uk, true, cols, hs, nr, ds + diag, T_, qp, T_, c0, beta,
+                          dk + static_cast<size_t>(c0) * C3, C3);
+      gemm::gemm_packed_b(uk, true, cols, hs, nr, a + diag, T_, dop, T_, c0, beta,
+                          dv + static_cast<size_t>(c0) * C3, C3);
     }
   }
 }

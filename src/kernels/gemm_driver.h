@@ -16,6 +16,9 @@
 
 namespace pipenag::kernels::gemm {
 
+// Largest MR x NR tile of any kernel (a partial tile is computed in a copy of this size).
+constexpr int kMaxTile = 8 * 64;
+
 // ---- packing -----------------------------------------------------------------------------------
 
 // A 64-byte aligned buffer per thread that only grows: steady-state training allocates nothing.
@@ -120,9 +123,6 @@ struct Problem {
   bool first_loads;  // the chain starts from C (beta != 0) rather than from 0
 };
 
-// Largest MR x NR tile of any kernel (a partial tile is computed in a copy of this size).
-constexpr int kMaxTile = 8 * 64;
-
 // Computes rows [m0, m1) x columns [n0, n1) of C on the calling thread, in BLIS's loop order:
 // column blocks (nc), K blocks (kc, B packed once per block into this thread's buffer), row
 // blocks (mc), B micro-panels, A micro-panels. A is read in place when alpha = 1 (rows of a
@@ -199,6 +199,71 @@ void gemm_region(const Problem<T, CT>& p, int m0, int m1, int n0, int n1) {
   }
 }
 
+// ---- B packed once, used many times (attention: the same keys and values for every row block) --
+
+// Floats of a packed B of K rows and N columns: panels of NR columns, each K x NR.
+template <typename E, typename CT>
+size_t packed_b_size(const Kernels<E, CT>& uk, int K, int N) {
+  const int NR = uk.nv * uk.vec;
+  return static_cast<size_t>(K) * ((N + NR - 1) / NR) * NR;
+}
+
+// Packs all of op(B) [K x N] for gemm_packed_b: panel q at dst + q * K * NR, rows of width w
+// (NR, or the edge width rounded up to whole vectors).
+template <typename E, typename CT>
+void pack_b_all(const Kernels<E, CT>& uk, E* dst, const E* B, long ldb, bool trans, int K, int N) {
+  const int VEC = uk.vec, NR = uk.nv * uk.vec;
+  for (int q = 0; q * NR < N; ++q) {
+    const int w = std::min(NR, (N - q * NR + VEC - 1) / VEC * VEC);
+    pack_b_panel(dst + static_cast<size_t>(q) * K * NR, B, ldb, trans, K, N, q * NR, w);
+  }
+}
+
+// C[M x N] = op(A)[M x kc] * rows [k0, k0 + kc) of a B packed by pack_b_all with K rows, plus
+// beta * C (beta 0 or 1), on the calling thread: every element the same chain as gemm_blocked
+// computes (one K block of any length). A is read in place (rows of A, or its columns when
+// transposed); a last partial micro-panel is packed.
+template <typename E, typename CT>
+void gemm_packed_b(const Kernels<E, CT>& uk, bool trans_a, int M, int N, int kc, const E* A,
+                   long lda, const E* Bp, int K, int k0, CT beta, CT* C, long ldc) {
+  if (M <= 0 || N <= 0) return;
+  const int MR = uk.mr, VEC = uk.vec, NR = uk.nv * uk.vec;
+  if (kc <= 0) {
+    for (int i = 0; i < M; ++i)
+      if (beta == CT(0)) std::fill(C + i * ldc, C + i * ldc + N, CT(0));
+    return;
+  }
+  const bool load_c = beta != CT(0);
+  const long rs_a = trans_a ? 1 : lda, cs_a = trans_a ? lda : 1;
+  const int full = M / MR * MR;
+  E* ap = nullptr;
+  if (full < M) {
+    ap = t_pack_a.get<E>(static_cast<size_t>(kc) * MR);
+    pack_a_block(ap, trans_a ? A + full : A + full * lda, lda, trans_a, M - full, kc, MR, CT(1));
+  }
+  alignas(64) CT tile[kMaxTile];
+  for (int q = 0; q * NR < N; ++q) {
+    const int j = q * NR;
+    const int nr = std::min(NR, N - j);
+    const int nv = (nr + VEC - 1) / VEC, w = nv * VEC;
+    const E* b = Bp + static_cast<size_t>(q) * K * NR + static_cast<size_t>(k0) * w;
+    for (int i = 0; i < M; i += MR) {
+      const int mr = std::min(MR, M - i);
+      const E* a = i < full ? A + i * rs_a : ap;
+      const long rs = i < full ? rs_a : 1, cs = i < full ? cs_a : MR;
+      CT* c = C + i * ldc + j;
+      if (mr == MR && nr == w) {
+        uk.run[nv - 1](kc, a, rs, cs, b, c, ldc, load_c);
+        continue;
+      }
+      if (load_c)
+        for (int r = 0; r < mr; ++r) std::memcpy(tile + r * w, c + r * ldc, sizeof(CT) * nr);
+      uk.run[nv - 1](kc, a, rs, cs, b, tile, w, load_c);
+      for (int r = 0; r < mr; ++r) std::memcpy(c + r * ldc, tile + r * w, sizeof(CT) * nr);
+    }
+  }
+}
+
 // Below this many multiply-adds a GEMM runs on the calling thread only.
 constexpr double kParallelMinFma = 1 << 20;
 
@@ -243,5 +308,9 @@ void gemm_blocked(const Kernels<E, CT>& uk, bool trans_a, bool trans_b, int M, i
     else gemm_region(p, 0, M, std::min(N, u0 * NR), std::min(N, u1 * NR));
   }
 }
+
+// The kernels the fp32 (float) and double products use now (matmul.cpp).
+template <typename T>
+const Kernels<T, T>& fp_kernels();
 
 }  // namespace pipenag::kernels::gemm

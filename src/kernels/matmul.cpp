@@ -98,6 +98,15 @@ const Kernels<T, T>& kernels_for() {
 
 }  // namespace
 
+template <>
+const gemm::Kernels<float, float>& gemm::fp_kernels<float>() {
+  return float_kernels();
+}
+template <>
+const gemm::Kernels<double, double>& gemm::fp_kernels<double>() {
+  return kGenericDouble;
+}
+
 const char* gemm_isa() { return float_kernels().isa; }
 
 std::string set_gemm_isa(const std::string& name) {
