@@ -113,6 +113,16 @@ void print_bench_table(const std::vector<BenchResult>& rs, const BenchOptions& o
     std::printf("| %d | %s | %s | %.2fM | %.0f | %.0f | %.1f | %.1f%% |\n", r.vocab, r.dtype.c_str(),
                 r.kernels.c_str(), static_cast<double>(r.params) / 1e6, r.tokens_per_s,
                 r.tokens_per_s_median, r.gflops, 100.0 * r.mfu);
+  for (const auto& r : rs) {
+    if (r.profile_names.empty()) continue;
+    double step = 0;
+    for (double t : r.profile_seconds) step += t;
+    std::printf("\nwhere the time goes, vocab %d, %s (ms per step, share):\n", r.vocab, r.dtype.c_str());
+    std::printf("| work | ms | share |\n|:-----|---:|------:|\n");
+    for (size_t i = 0; i < r.profile_names.size(); ++i)
+      std::printf("| %s | %.1f | %.1f%% |\n", r.profile_names[i].c_str(), 1e3 * r.profile_seconds[i],
+                  100.0 * r.profile_seconds[i] / step);
+  }
 }
 
 }  // namespace
@@ -220,6 +230,7 @@ int main(int argc, char** argv) {
   bench->add_option("--n-head", bopt.model.n_head)->capture_default_str();
   bench->add_option("--block-size", bopt.model.block_size)->capture_default_str();
   bench->add_flag("--json", bopt.json, "One JSON object per configuration, nothing else");
+  bench->add_flag("--profile", bopt.profile, "Also time each kind of work (GEMMs, attention, layernorm, ..., optimizer) per step");
 
   // methods
   auto* methods_cmd = app.add_subcommand("methods", "List the method presets (method = \"<name>\" or --set method=<name>) and what each sets");

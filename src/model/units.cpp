@@ -1,6 +1,7 @@
 #include "model/units.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cstring>
 
 #include "kernels/kernels.h"
@@ -23,6 +24,19 @@ void Unit::add_param(const std::string& name, std::vector<int64_t> shape, ParamI
 namespace {
 
 void zero(float* p, size_t n) { std::memset(p, 0, n * sizeof(float)); }
+
+// Runs f, adding its time to the op's total when the context profiles (pipenag bench --profile).
+template <typename F>
+void timed(UnitContext& ctx, Work op, F&& f) {
+  if (!ctx.profile) {
+    f();
+    return;
+  }
+  const auto t0 = std::chrono::steady_clock::now();
+  f();
+  ctx.profile->seconds[static_cast<size_t>(op)] +=
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
 
 void linear_fwd(const UnitContext& ctx, float* out, const float* in, const float* W,
                 const float* b, int M, int K, int N) {
@@ -70,13 +84,13 @@ class EmbeddingUnit final : public Unit {
   void forward(const float* w, float*, const float*, float* out, float*, float*,
                UnitContext& ctx) const override {
     const int C = cfg_.n_embd;
-    k::embedding_forward(out, ctx.tokens, w + params()[0].offset, w + params()[1].offset, ctx.B,
-                         cfg_.block_size, C);
+    timed(ctx, Work::Embedding, [&] { k::embedding_forward(out, ctx.tokens, w + params()[0].offset, w + params()[1].offset, ctx.B,
+                         cfg_.block_size, C); });
   }
   void backward(const float*, float* g, const float*, const float* dout, float*, const float*,
                 float*, UnitContext& ctx) const override {
-    k::embedding_backward(g + params()[0].offset, g + params()[1].offset, dout, ctx.tokens, ctx.B,
-                          cfg_.block_size, cfg_.n_embd);
+    timed(ctx, Work::Embedding, [&] { k::embedding_backward(g + params()[0].offset, g + params()[1].offset, dout, ctx.tokens, ctx.B,
+                          cfg_.block_size, cfg_.n_embd); });
   }
 };
 
@@ -143,17 +157,17 @@ class BlockUnit final : public Unit {
     const size_t MC = static_cast<size_t>(M) * C;
     const auto& P = params();
     const Acts a = layout(acts, ctx.B);
-    k::layernorm_forward(a.ln1, a.mean1, a.rstd1, in, w + P[0].offset, w + P[1].offset, M, C);
-    linear_fwd(ctx, a.qkv, a.ln1, w + P[2].offset, static_cast<const float*>(nullptr), M, C,
-                      3 * C);
-    k::attention_forward(a.atty, a.att, a.qkv, ctx.B, cfg_.block_size, C, cfg_.n_head);
-    linear_fwd(ctx, a.xmid, a.atty, w + P[3].offset, w + P[4].offset, M, C, C);
-    k::add(a.xmid, a.xmid, in, MC);
-    k::layernorm_forward(a.ln2, a.mean2, a.rstd2, a.xmid, w + P[5].offset, w + P[6].offset, M, C);
-    linear_fwd(ctx, a.fc, a.ln2, w + P[7].offset, w + P[8].offset, M, C, 4 * C);
-    activation_forward(cfg_.activation, a.fca, a.fc, 4 * MC);
-    linear_fwd(ctx, out, a.fca, w + P[9].offset, w + P[10].offset, M, 4 * C, C);
-    k::add(out, out, a.xmid, MC);
+    timed(ctx, Work::LayerNorm, [&] { k::layernorm_forward(a.ln1, a.mean1, a.rstd1, in, w + P[0].offset, w + P[1].offset, M, C); });
+    timed(ctx, Work::Linear, [&] { linear_fwd(ctx, a.qkv, a.ln1, w + P[2].offset, static_cast<const float*>(nullptr), M, C,
+                      3 * C); });
+    timed(ctx, Work::Attention, [&] { k::attention_forward(a.atty, a.att, a.qkv, ctx.B, cfg_.block_size, C, cfg_.n_head); });
+    timed(ctx, Work::Linear, [&] { linear_fwd(ctx, a.xmid, a.atty, w + P[3].offset, w + P[4].offset, M, C, C); });
+    timed(ctx, Work::Residual, [&] { k::add(a.xmid, a.xmid, in, MC); });
+    timed(ctx, Work::LayerNorm, [&] { k::layernorm_forward(a.ln2, a.mean2, a.rstd2, a.xmid, w + P[5].offset, w + P[6].offset, M, C); });
+    timed(ctx, Work::Linear, [&] { linear_fwd(ctx, a.fc, a.ln2, w + P[7].offset, w + P[8].offset, M, C, 4 * C); });
+    timed(ctx, Work::Activation, [&] { activation_forward(cfg_.activation, a.fca, a.fc, 4 * MC); });
+    timed(ctx, Work::Linear, [&] { linear_fwd(ctx, out, a.fca, w + P[9].offset, w + P[10].offset, M, 4 * C, C); });
+    timed(ctx, Work::Residual, [&] { k::add(out, out, a.xmid, MC); });
   }
 
   void backward(const float* w, float* g, const float* in, const float* dout, float* din,
@@ -171,23 +185,23 @@ class BlockUnit final : public Unit {
     float* dfc = dfca + 4 * MC;
     float* att_scratch = dfc + 4 * MC;
 
-    std::memcpy(dxmid, dout, MC * sizeof(float));
-    linear_bwd_overwrite(ctx, dfca, g + P[9].offset, g + P[10].offset, dout, a.fca, w + P[9].offset, M,
-                       4 * C, C);
-    activation_backward(cfg_.activation, dfc, dfca, a.fc, 4 * MC);
-    linear_bwd_overwrite(ctx, dln, g + P[7].offset, g + P[8].offset, dfc, a.ln2, w + P[7].offset, M, C,
-                       4 * C);
-    k::layernorm_backward(dxmid, g + P[5].offset, g + P[6].offset, dln, a.xmid, w + P[5].offset,
-                          a.mean2, a.rstd2, M, C);
-    k::add(din, din, dxmid, MC);
-    linear_bwd_overwrite(ctx, datty, g + P[3].offset, g + P[4].offset, dxmid, a.atty, w + P[3].offset, M,
-                       C, C);
-    k::attention_backward(dqkv, datty, a.qkv, a.att, ctx.B, cfg_.block_size, C, cfg_.n_head,
-                          att_scratch, /*accumulate=*/false);
-    linear_bwd_overwrite(ctx, dln, g + P[2].offset, static_cast<float*>(nullptr), dqkv, a.ln1,
-                       w + P[2].offset, M, C, 3 * C);
-    k::layernorm_backward(din, g + P[0].offset, g + P[1].offset, dln, in, w + P[0].offset, a.mean1,
-                          a.rstd1, M, C);
+    timed(ctx, Work::Residual, [&] { std::memcpy(dxmid, dout, MC * sizeof(float)); });
+    timed(ctx, Work::Linear, [&] { linear_bwd_overwrite(ctx, dfca, g + P[9].offset, g + P[10].offset, dout, a.fca, w + P[9].offset, M,
+                       4 * C, C); });
+    timed(ctx, Work::Activation, [&] { activation_backward(cfg_.activation, dfc, dfca, a.fc, 4 * MC); });
+    timed(ctx, Work::Linear, [&] { linear_bwd_overwrite(ctx, dln, g + P[7].offset, g + P[8].offset, dfc, a.ln2, w + P[7].offset, M, C,
+                       4 * C); });
+    timed(ctx, Work::LayerNorm, [&] { k::layernorm_backward(dxmid, g + P[5].offset, g + P[6].offset, dln, a.xmid, w + P[5].offset,
+                          a.mean2, a.rstd2, M, C); });
+    timed(ctx, Work::Residual, [&] { k::add(din, din, dxmid, MC); });
+    timed(ctx, Work::Linear, [&] { linear_bwd_overwrite(ctx, datty, g + P[3].offset, g + P[4].offset, dxmid, a.atty, w + P[3].offset, M,
+                       C, C); });
+    timed(ctx, Work::Attention, [&] { k::attention_backward(dqkv, datty, a.qkv, a.att, ctx.B, cfg_.block_size, C, cfg_.n_head,
+                          att_scratch, /*accumulate=*/false); });
+    timed(ctx, Work::Linear, [&] { linear_bwd_overwrite(ctx, dln, g + P[2].offset, static_cast<float*>(nullptr), dqkv, a.ln1,
+                       w + P[2].offset, M, C, 3 * C); });
+    timed(ctx, Work::LayerNorm, [&] { k::layernorm_backward(din, g + P[0].offset, g + P[1].offset, dln, in, w + P[0].offset, a.mean1,
+                          a.rstd1, M, C); });
   }
 };
 
@@ -236,7 +250,7 @@ class HeadUnit final : public Unit {
     const int rows = chunk_rows(M);
     float* losses = logits + static_cast<size_t>(rows) * V;
 
-    k::layernorm_forward(lnf, mean, rstd, in, w + P[0].offset, w + P[1].offset, M, C);
+    timed(ctx, Work::LayerNorm, [&] { k::layernorm_forward(lnf, mean, rstd, in, w + P[0].offset, w + P[1].offset, M, C); });
     if (ctx.training) zero(dlnf, MC);
     double loss_sum = 0.0;
     int64_t count = 0;
@@ -244,15 +258,15 @@ class HeadUnit final : public Unit {
       const int n = std::min(rows, M - r0);
       const float* x = lnf + static_cast<size_t>(r0) * C;
       const int32_t* tgt = ctx.targets + r0;
-      linear_fwd(ctx, logits, x, W, bias, n, C, V);
+      timed(ctx, Work::Linear, [&] { linear_fwd(ctx, logits, x, W, bias, n, C, V); });
       double mean_loss;
       if (ctx.training) {
-        mean_loss = k::softmax_xent_forward_backward(logits, losses, tgt, n, V, ctx.grad_scale);
+        timed(ctx, Work::SoftmaxXent, [&] { mean_loss = k::softmax_xent_forward_backward(logits, losses, tgt, n, V, ctx.grad_scale); });
         float* dW = tied ? ctx.tied_dwte : g + P[2].offset;
         float* db = g + P[tied ? 2 : 3].offset;
-        linear_bwd(ctx, dlnf + static_cast<size_t>(r0) * C, dW, db, logits, x, W, n, C, V);
+        timed(ctx, Work::Linear, [&] { linear_bwd(ctx, dlnf + static_cast<size_t>(r0) * C, dW, db, logits, x, W, n, C, V); });
       } else {
-        mean_loss = k::softmax_xent_forward(losses, logits, tgt, n, V);
+        timed(ctx, Work::SoftmaxXent, [&] { mean_loss = k::softmax_xent_forward(losses, logits, tgt, n, V); });
       }
       int64_t counted = 0;
       for (int i = 0; i < n; ++i) counted += tgt[i] >= 0;
@@ -262,20 +276,27 @@ class HeadUnit final : public Unit {
     ctx.loss_sum += loss_sum;
     ctx.loss_count += count;
     if (ctx.training) {
-      zero(acts, MC);
-      k::layernorm_backward(acts, g + P[0].offset, g + P[1].offset, dlnf, in, w + P[0].offset,
-                            mean, rstd, M, C);
+      timed(ctx, Work::Residual, [&] { zero(acts, MC); });
+      timed(ctx, Work::LayerNorm, [&] { k::layernorm_backward(acts, g + P[0].offset, g + P[1].offset, dlnf, in, w + P[0].offset,
+                            mean, rstd, M, C); });
     }
   }
 
   void backward(const float*, float*, const float*, const float*, float* din, const float* acts,
                 float*, UnitContext& ctx) const override {
     const size_t MC = static_cast<size_t>(ctx.B) * cfg_.block_size * cfg_.n_embd;
-    k::add(din, din, acts, MC);
+    timed(ctx, Work::Residual, [&] { k::add(din, din, acts, MC); });
   }
 };
 
 }  // namespace
+
+const char* work_name(Work op) {
+  static const char* const names[] = {"linear layers (GEMM)", "attention", "layernorm",
+                                      "activation", "residual adds, copies, zeroing", "embedding",
+                                      "softmax + cross-entropy"};
+  return names[static_cast<size_t>(op)];
+}
 
 std::vector<std::unique_ptr<Unit>> make_gpt_units(const ModelConfig& cfg) {
   std::vector<std::unique_ptr<Unit>> units;

@@ -5,6 +5,7 @@
 // Data flow between units is always an activation [B, T, C]; the embedding reads tokens instead
 // of an input, and the head ends in the loss.
 #pragma once
+#include <array>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -19,6 +20,13 @@ namespace kernels {
 class Bf16Linear;
 }
 
+// The kinds of work in a unit, for a time profile of the step (pipenag bench --profile).
+enum class Work { Linear, Attention, LayerNorm, Activation, Residual, Embedding, SoftmaxXent, kCount };
+const char* work_name(Work op);
+struct OpTimes {
+  std::array<double, static_cast<size_t>(Work::kCount)> seconds{};
+};
+
 // What a unit's forward/backward needs besides weights and activations.
 struct UnitContext {
   int B = 0;                          // sequences in the micro-batch
@@ -31,6 +39,8 @@ struct UnitContext {
   float* tied_dwte = nullptr;
   // When set, the linear layers' matrix products run in bf16 through it (fp32 accumulation).
   kernels::Bf16Linear* bf16 = nullptr;
+  // When set, each op's time is added here.
+  OpTimes* profile = nullptr;
   // Outputs of the head.
   double loss_sum = 0.0;              // sum of per-token losses of the micro-batch
   int64_t loss_count = 0;             // positions that counted

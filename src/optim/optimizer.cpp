@@ -56,10 +56,11 @@ class AdamWOpt final : public Optimizer {
 
 // From here on: no floating-point contraction, every operation rounds where it is written
 // (functions defined below this point; OpenMP's outlined loop bodies inherit it).
-// Without contraction the bits do not depend on how GCC vectorises a loop either: the loops that
-// take a sqrt (like class AdamW's) are not vectorised while sqrtf may set errno, and
-// -fno-math-errno on the command line (a per-function "no-math-errno" has no effect) vectorises
-// them with the same bits here, but changes adamw's, whose a*b + c GCC fuses differently then.
+// Without contraction the bits do not depend on how GCC vectorises a loop either. This file and
+// adamw.cpp are compiled with -fno-math-errno (CMakeLists.txt; a per-function "no-math-errno"
+// has no effect), without which the loops that take a sqrt stay scalar: the vectorised loops
+// here give the same bits as the scalar ones did; class AdamW's, which is contracted, may round
+// its a*b + c differently once vectorised (it is checked against torch to 1e-6, not bitwise).
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC push_options
 #pragma GCC optimize("fp-contract=off")

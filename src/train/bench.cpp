@@ -42,18 +42,32 @@ std::vector<BenchResult> run_bench(const BenchOptions& opt) {
       for (auto& t : y) t = tok(rng);
       const float scale = 1.0f / static_cast<float>(x.size());
       std::vector<double> secs;
+      OpTimes ops;
+      double zeroing = 0, optimizer = 0;
+      using Clock = std::chrono::steady_clock;
+      const auto since = [](Clock::time_point t) {
+        return std::chrono::duration<double>(Clock::now() - t).count();
+      };
       for (int s = 0; s < opt.warmup + opt.steps; ++s) {
-        const auto t0 = std::chrono::steady_clock::now();
+        const bool measured = s >= opt.warmup;
+        const auto t0 = Clock::now();
         stage.zero_grads();
+        const double t_zero = since(t0);
         UnitContext ctx;
         ctx.grad_scale = scale;
+        if (opt.profile && measured) ctx.profile = &ops;
         const MicroBatch mb{x.data(), y.data()};
         stage.forward(0, nullptr, mb, ctx);
         stage.backward(0, nullptr, mb, ctx);
+        const auto t_opt = Clock::now();
         const double norm = std::sqrt(sum_squares(stage.grads(), stage.num_params()));
         adamw.step(stage.params(), stage.grads(), 3e-4, clip_scale(norm, 1.0));
-        const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-        if (s >= opt.warmup) secs.push_back(dt);
+        const double dt = since(t0);
+        if (measured) {
+          secs.push_back(dt);
+          zeroing += t_zero;
+          optimizer += since(t_opt);
+        }
       }
       BenchResult r;
       r.vocab = vocab;
@@ -69,12 +83,32 @@ std::vector<BenchResult> run_bench(const BenchOptions& opt) {
       r.peak_gflops = peak;
       r.mfu = r.gflops / peak;
       r.kernels = stage.bf16() ? "bf16 " + stage.bf16_backend() : std::string("fp32 GEMM ") + kernels::gemm_isa();
+      if (opt.profile) {
+        const double n = static_cast<double>(secs.size());
+        double timed = 0;
+        for (size_t i = 0; i < ops.seconds.size(); ++i) {
+          r.profile_names.push_back(work_name(static_cast<Work>(i)));
+          r.profile_seconds.push_back(ops.seconds[i] / n);
+          timed += ops.seconds[i] / n;
+        }
+        r.profile_names.push_back("gradient zeroing");
+        r.profile_seconds.push_back(zeroing / n);
+        r.profile_names.push_back("clipping + AdamW");
+        r.profile_seconds.push_back(optimizer / n);
+        r.profile_names.push_back("rest (untimed glue)");
+        r.profile_seconds.push_back(std::max(0.0, total / n - timed - (zeroing + optimizer) / n));
+      }
       out.push_back(r);
       if (opt.json) {
         nlohmann::json j{{"vocab", vocab}, {"dtype", dtype}, {"tokens_per_s", r.tokens_per_s},
                          {"tokens_per_s_median", r.tokens_per_s_median}, {"gflops", r.gflops},
                          {"mfu", r.mfu}, {"peak_gflops", peak}, {"threads", opt.threads},
                          {"steps", opt.steps}, {"params", r.params}, {"kernels", r.kernels}};
+        if (opt.profile) {
+          nlohmann::json prof = nlohmann::json::object();
+          for (size_t i = 0; i < r.profile_names.size(); ++i) prof[r.profile_names[i]] = r.profile_seconds[i];
+          j["profile_s_per_step"] = prof;
+        }
         std::printf("%s\n", j.dump().c_str());
         std::fflush(stdout);
       }

@@ -18,6 +18,7 @@ struct BenchOptions {
   int warmup = 3;             // unmeasured steps first
   int threads = 2;
   bool json = false;
+  bool profile = false;       // time each kind of op (ms per step) as well
 };
 
 struct BenchResult {
@@ -27,6 +28,9 @@ struct BenchResult {
   double flops_per_token = 0;
   size_t params = 0;
   std::string kernels;  // what ran the products: "fp32 GEMM avx512" / "bf16 avx512bf16"
+  // With profile: seconds per step of each kind of work, in the order of `profile_names`.
+  std::vector<std::string> profile_names;
+  std::vector<double> profile_seconds;
 };
 
 std::vector<BenchResult> run_bench(const BenchOptions& opt);
