@@ -6,6 +6,9 @@
 #include <stdexcept>
 #include <iostream>
 #include <climits>
+#include <csignal>
+#include <cmath>
+#include <filesystem>
 #include <cstdint>
 #include <new>
 #include <sstream>
@@ -33,6 +36,11 @@
 using namespace pipenag;
 
 namespace {
+
+constexpr int kMaxEvalBatches = 1'000'000;
+constexpr int kMaxScheduleStages = 1024;
+constexpr int kMaxScheduleMicrobatches = 65536;
+constexpr double kMaxScheduleActions = 1e6;
 
 std::vector<std::string> split_commas(const std::string& s) {
   std::vector<std::string> out;
@@ -141,6 +149,7 @@ int main(int argc, char** argv) {
   train_cmd->add_option("--config,-c", config_path, "TOML configuration file")->check(CLI::ExistingFile);
   train_cmd->add_option("--set", overrides, "Override a config key: section.key=value (repeatable)");
   train_cmd->add_flag("--resume", topt.resume, "Continue from <out.dir>/checkpoint");
+  train_cmd->add_flag("--force", topt.force, "Start over in an out.dir that holds an earlier run, deleting its checkpoint and metrics");
   train_cmd->add_option("--stop-at", topt.stop_at, "Stop with a checkpoint after this many updates");
   train_cmd->add_flag("--quiet,-q", topt.quiet, "No progress output");
   train_cmd->add_option("--trace", topt.trace, "Write a Chrome trace-event JSON of every stage's forwards, backwards, steps and waits (Perfetto, chrome://tracing)");
@@ -150,7 +159,7 @@ int main(int argc, char** argv) {
   // eval
   auto* eval = app.add_subcommand("eval", "Validation loss and perplexity of a checkpoint");
   std::string eval_ckpt;
-  int eval_batches = 0;
+  int eval_batches = -1;
   std::vector<std::string> eval_overrides;
   eval->add_option("--checkpoint", eval_ckpt, "Checkpoint folder")->required();
   eval->add_option("--batches", eval_batches, "Validation batches (default: train.eval_batches)");
@@ -256,8 +265,19 @@ int main(int argc, char** argv) {
   try {
     check_kernel_environment();
     if (*train_cmd) {
+      if (train_cmd->count("--stop-at") && topt.stop_at < 0)
+        throw Error("--stop-at must be >= 0, got " + std::to_string(topt.stop_at));
+      // A reader of the output that goes away (`| head`) must not kill a training run or its
+      // final line: writes fail with EPIPE instead, and the run goes on.
+      std::signal(SIGPIPE, SIG_IGN);
       const Config cfg = load_config(config_path, overrides);
       const TrainResult r = train(cfg, topt);
+      if (r.already_finished) {
+        std::printf("done: the run in %s had already reached train.steps = %lld; nothing to do "
+                    "(raise train.steps to continue it) | checkpoint %s\n",
+                    cfg.out.dir.c_str(), static_cast<long long>(r.steps), r.checkpoint.c_str());
+        return 0;
+      }
       std::printf("done: %lld steps | train loss %.4f", static_cast<long long>(r.steps), r.last_loss);
       if (r.val_loss >= 0) std::printf(" | val loss %.4f | val ppl %.2f", r.val_loss, r.val_ppl);
       std::printf(" | %.0f tok/s overall | checkpoint %s\n", r.tokens_per_s, r.checkpoint.c_str());
@@ -265,10 +285,17 @@ int main(int argc, char** argv) {
       Config cfg = read_checkpoint_config(eval_ckpt);
       for (const auto& o : eval_overrides) apply_override(cfg, o);
       validate(cfg);
+      if (eval->count("--batches") && (eval_batches < 1 || eval_batches > kMaxEvalBatches))
+        throw Error("--batches must be between 1 and " + std::to_string(kMaxEvalBatches) + ", got " +
+                    std::to_string(eval_batches));
       const EvalResult r = evaluate_checkpoint(eval_ckpt, cfg, eval_batches > 0 ? eval_batches : cfg.train.eval_batches);
       std::printf("val loss %.4f | val ppl %.2f | %lld tokens\n", r.loss, r.ppl, static_cast<long long>(r.tokens));
     } else if (*sample) {
-      std::printf("%s\n", sample_text(sample_ckpt, sopt).c_str());
+      // Streamed token by token: a reader that stops (`| head`) ends the sampling.
+      sample_stream(sample_ckpt, sopt, [](const std::string& piece) {
+        return std::fwrite(piece.data(), 1, piece.size(), stdout) == piece.size() && std::fflush(stdout) == 0;
+      });
+      std::printf("\n");
     } else if (*prepare) {
       const auto tok = load_tokenizer(prep_tok);
       const PrepareStats st = prepare_corpus(prep_input, *tok, prep_out, prep_val, prep_seed);
@@ -300,11 +327,25 @@ int main(int argc, char** argv) {
       std::printf("%s", describe_methods().c_str());
     } else if (*sched_cmd) {
       const ScheduleKind kind = parse_schedule_kind(sched_kind);
-      if (sched_stages < 1) throw Error("--stages must be >= 1, got " + std::to_string(sched_stages));
-      if (sched_mb < 1) throw Error("--microbatches must be >= 1, got " + std::to_string(sched_mb));
-      if (sched_updates < 0) throw Error("--updates must be >= 1");
+      if (sched_stages < 1 || sched_stages > kMaxScheduleStages)
+        throw Error("--stages must be between 1 and " + std::to_string(kMaxScheduleStages) + ", got " +
+                    std::to_string(sched_stages));
+      if (sched_mb < 1 || sched_mb > kMaxScheduleMicrobatches)
+        throw Error("--microbatches must be between 1 and " + std::to_string(kMaxScheduleMicrobatches) +
+                    ", got " + std::to_string(sched_mb));
+      if (sched_cmd->count("--updates") && sched_updates < 1)
+        throw Error("--updates must be >= 1, got " + std::to_string(sched_updates));
       const int64_t updates = sched_updates > 0 ? sched_updates
                               : kind == ScheduleKind::Async1F1B ? 2 * sched_stages : 2;
+      // The listing and the timeline grow with stages x micro-batches x updates.
+      const double actions = static_cast<double>(sched_stages) *
+                             static_cast<double>(kind == ScheduleKind::Async1F1B ? 1 : sched_mb) *
+                             static_cast<double>(updates);
+      if (actions > kMaxScheduleActions)
+        throw Error("schedule of " + std::to_string(sched_stages) + " stages x " + std::to_string(updates) +
+                    " updates" + (kind == ScheduleKind::Async1F1B ? std::string() : " x " + std::to_string(sched_mb) + " micro-batches") +
+                    " is too large to print (at most " + std::to_string(static_cast<long long>(kMaxScheduleActions)) +
+                    " stage-micro-batches)");
       const Schedule s = make_schedule(kind, sched_stages, sched_mb, updates);
       validate_schedule(s);
       std::printf("%s", describe_schedule(s).c_str());
@@ -313,6 +354,8 @@ int main(int argc, char** argv) {
         std::printf("timeline picture: %s\n", sched_svg.c_str());
       }
     } else if (*trace_cmd) {
+      if (!std::isfinite(trace_from) || trace_from < 0) throw Error("--from must be a number >= 0 (seconds)");
+      if (!std::isfinite(trace_to)) throw Error("--to must be a number (seconds)");
       const TraceSummary t = render_trace(trace_in, trace_svg, trace_from, trace_to, trace_skip);
       std::printf("%s", t.text.c_str());
     } else if (*delaylab) {
@@ -330,6 +373,9 @@ int main(int argc, char** argv) {
       if (!bopt.json) print_bench_table(rs, bopt);
     }
   } catch (const Error& e) {
+    std::fprintf(stderr, "pipenag: %s\n", e.what());
+    return 1;
+  } catch (const std::filesystem::filesystem_error& e) {
     std::fprintf(stderr, "pipenag: %s\n", e.what());
     return 1;
   } catch (const std::bad_alloc&) {

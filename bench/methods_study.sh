@@ -38,7 +38,7 @@ for m in ${METHODS//,/ }; do
   if [ "$m" = gpipe ]; then steps=$((STEPS / 4)); warm=$((WARMUP / 4)); fi
   dir=$OUT/$m
   start=$(date +%s)
-  build/pipenag train -q --config configs/default.toml --set method=$m --set pipeline.stages=$P \
+  build/pipenag train -q --force --config configs/default.toml --set method=$m --set pipeline.stages=$P \
     --set pipeline.engine=threads --set train.steps=$steps --set train.warmup_steps=$warm \
     --set train.eval_every=$((steps / 4)) --set out.dir="$dir" "${EXTRA[@]}" > "$dir.log" 2>&1 || {
     echo "$m failed: $(tail -1 "$dir.log")" >&2; rows+=("| $m | failed | | | | |"); continue; }

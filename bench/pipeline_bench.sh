@@ -35,7 +35,7 @@ COMMON="--set model.n_layer=6 --set model.n_embd=384 --set model.n_head=6 --set 
 # run NAME M ARGS...: trains, then prints "utilisation updates_per_s" of the steady window.
 run() {
   local name=$1; shift
-  $BIN train -q $COMMON --set out.dir="$OUT/$name" --trace "$OUT/$name.json" "$@" >/dev/null
+  $BIN train -q --force $COMMON --set out.dir="$OUT/$name" --trace "$OUT/$name.json" "$@" >/dev/null
   $BIN trace "$OUT/$name.json" --svg "$OUT/$name.svg" --skip-updates "$SKIP" > "$OUT/$name.txt"
   sed -n 's/.*updates (\([0-9.]*\)\/s), utilisation \([0-9.]*\)%.*/\2 \1/p' "$OUT/$name.txt"
 }

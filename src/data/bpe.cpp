@@ -419,7 +419,27 @@ std::unique_ptr<Tokenizer> load_gpt2_pair(const std::string& encoder_path, const
                                         std::string(line.substr(sp + 1)),
                                         vocab_path + ":" + std::to_string(line_no), vocab_name));
   }
-  return std::make_unique<BpeTokenizer>(std::move(spec));
+  // Every token longer than one byte must come out of some merge, except special tokens such as
+  // <|endoftext|>; one that cannot means vocab.bpe lost lines (truncated) or belongs to another
+  // encoder.json.
+  std::vector<bool> produced(spec.tokens.size(), false);
+  for (const auto& m : spec.merges) produced[static_cast<size_t>(m.result)] = true;
+  size_t orphans = 0;
+  std::string first;
+  for (size_t id = 0; id < spec.tokens.size(); ++id) {
+    const std::string& t = spec.tokens[id];
+    const bool special = t.size() > 4 && t.starts_with("<|") && t.ends_with("|>");
+    if (t.size() > 1 && !produced[id] && !special) {
+      if (orphans++ == 0) first = t;
+    }
+  }
+  const size_t n_merges = spec.merges.size();
+  auto tok = std::make_unique<BpeTokenizer>(std::move(spec));  // its own checks first
+  if (orphans > 0)
+    throw Error(vocab_path + ": " + std::to_string(orphans) + " tokens of " + vocab_name +
+                " are made by no merge (first: '" + shorten(first) + "', id order); the file has " +
+                std::to_string(n_merges) + " merges: truncated, or from another tokenizer");
+  return tok;
 }
 
 std::string json_type_of(const json& j, const char* key) {

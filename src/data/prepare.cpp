@@ -1,6 +1,11 @@
 #include "data/prepare.h"
 
+#include <sys/stat.h>
+
 #include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <map>
 #include <cmath>
 #include <cstdio>
 #include <exception>
@@ -47,6 +52,116 @@ std::vector<bool> split_documents(const std::vector<Document>& docs, double val_
   return is_val;
 }
 
+namespace {
+
+struct InputFile {
+  std::string name;  // as read_documents names it
+  std::string path;
+  uint64_t bytes = 0;
+  int64_t mtime_ns = 0;
+};
+
+// The files read_documents would read for `input`, with their sizes and mtimes.
+std::vector<InputFile> input_files(const std::string& input) {
+  std::vector<InputFile> out;
+  std::error_code ec;
+  const auto add = [&](const fs::path& p) {
+    struct stat sb {};
+    if (::stat(p.c_str(), &sb) != 0) throw Error(p.string() + ": cannot stat: " + std::strerror(errno));
+    out.push_back({p.filename().string(), p.string(), static_cast<uint64_t>(sb.st_size),
+                   static_cast<int64_t>(sb.st_mtim.tv_sec) * 1000000000 + sb.st_mtim.tv_nsec});
+  };
+  if (fs::is_directory(input, ec)) {
+    std::vector<fs::path> files;
+    for (const auto& e : fs::directory_iterator(input, ec)) {
+      std::error_code fec;
+      if (e.path().extension() == ".txt" && e.is_regular_file(fec)) files.push_back(e.path());
+    }
+    std::sort(files.begin(), files.end());
+    for (const auto& f : files) add(f);
+  } else {
+    add(input);
+  }
+  return out;
+}
+
+uint64_t xxhash64_of_file(const std::string& path) {
+  const std::string b = read_file(path);
+  return xxhash64(b.data(), b.size());
+}
+
+nlohmann::json parse_meta(const std::string& dir) {
+  try {
+    return nlohmann::json::parse(read_file(dir + "/meta.json"));
+  } catch (const nlohmann::json::exception& e) {
+    throw Error(dir + "/meta.json: not valid JSON (" + std::string(e.what()) + ")");
+  }
+}
+
+}  // namespace
+
+std::string prepared_folder_mismatch(const std::string& dir) {
+  nlohmann::json meta;
+  try {
+    meta = parse_meta(dir);
+  } catch (const Error& e) {
+    return e.what();
+  }
+  for (const char* split : {"train", "val"}) {
+    const std::string file = std::string(split) + ".bin";
+    if (!meta.contains(split) || !meta[split].is_object()) return dir + "/meta.json has no '" + split + "' record";
+    TokenFile f;
+    try {
+      f = TokenFile::open(dir + "/" + file, false);
+    } catch (const Error& e) {
+      return e.what();
+    }
+    const std::string sum = hex64(f.checksum());
+    const std::string want = meta[split].value("checksum", std::string());
+    if (sum != want)
+      return dir + "/" + file + " has checksum " + sum + ", meta.json records " + (want.empty() ? "none" : want);
+    if (meta[split].value("tokens", uint64_t{0}) != f.size())
+      return dir + "/" + file + " has " + std::to_string(f.size()) + " tokens, meta.json records " +
+             meta[split].value("tokens", nlohmann::json(0)).dump();
+    if (meta.value("vocab_size", -1) != f.vocab_size())
+      return dir + "/" + file + " has vocabulary " + std::to_string(f.vocab_size()) + ", meta.json records " +
+             meta.value("vocab_size", nlohmann::json(-1)).dump();
+  }
+  return "";
+}
+
+std::string input_change_since(const std::string& dir, const std::string& input) {
+  const nlohmann::json meta = parse_meta(dir);
+  if (!meta.contains("inputs") || !meta["inputs"].is_array()) return "no record of the input files (older format)";
+  std::vector<InputFile> now;
+  try {
+    now = input_files(input);
+  } catch (const Error& e) {
+    return e.what();
+  }
+  std::map<std::string, nlohmann::json> was;
+  for (const auto& f : meta["inputs"]) was[f.value("name", std::string())] = f;
+  std::vector<std::string> changes;
+  for (const auto& f : now) {
+    auto it = was.find(f.name);
+    if (it == was.end()) {
+      changes.push_back(f.name + " added");
+      continue;
+    }
+    const nlohmann::json& w = it->second;
+    if (w.value("bytes", uint64_t{0}) != f.bytes) changes.push_back(f.name + " changed");
+    else if (w.value("mtime_ns", int64_t{0}) != f.mtime_ns &&
+             w.value("xxh64", std::string()) != hex64(xxhash64_of_file(f.path)))
+      changes.push_back(f.name + " changed");
+    was.erase(it);
+  }
+  for (const auto& [name, w] : was) changes.push_back(name + " removed");
+  std::string out;
+  for (size_t i = 0; i < changes.size() && i < 3; ++i) out += (i ? ", " : "") + changes[i];
+  if (changes.size() > 3) out += " and " + std::to_string(changes.size() - 3) + " more";
+  return out;
+}
+
 PrepareStats prepare_corpus(const std::string& input, const Tokenizer& tok,
                             const std::string& out_dir, double val_fraction, uint64_t split_seed) {
   if (!(val_fraction > 0.0 && val_fraction < 1.0))
@@ -59,8 +174,18 @@ PrepareStats prepare_corpus(const std::string& input, const Tokenizer& tok,
                 std::to_string(vocab) + (eot ? " and end-of-text id " + std::to_string(*eot) : "") +
                 ", which is not usable");
 
+  // Stat before reading: an edit while prepare runs makes the record older than the files, so
+  // the next run re-checks them instead of trusting a record of the newer state.
+  const std::vector<InputFile> inputs = input_files(input);
   std::vector<Document> docs = read_documents(input);
   const bool is_folder = fs::is_directory(input);
+  nlohmann::ordered_json input_record = nlohmann::ordered_json::array();
+  for (const auto& f : inputs) {
+    std::string hash;
+    for (const auto& d : docs)
+      if (d.name == f.name) hash = hex64(xxhash64(d.text.data(), d.text.size()));
+    input_record.push_back({{"name", f.name}, {"bytes", f.bytes}, {"mtime_ns", f.mtime_ns}, {"xxh64", hash}});
+  }
   const auto doc_path = [&](size_t d) {
     return is_folder ? (fs::path(input) / docs[d].name).string() : input;
   };
@@ -164,6 +289,7 @@ PrepareStats prepare_corpus(const std::string& input, const Tokenizer& tok,
                  {"tokens", st.val_tokens},
                  {"checksum", hex64(val_sum)}};
   meta["val_documents"] = st.val_documents;
+  meta["inputs"] = input_record;
   write_file_atomic(st.meta_path, meta.dump(2) + "\n");
   return st;
 }

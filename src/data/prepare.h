@@ -39,7 +39,19 @@ struct PrepareStats {
 // (created when missing), each atomically. Errors, naming the file or folder: unreadable or empty
 // corpus, val_fraction outside (0, 1), a tokenizer failure or out-of-vocabulary id (naming the
 // document), a split with no tokens.
+// meta.json also records each input file (name, bytes, mtime, XXH64 of its content) and each
+// token file's token count and checksum, so that readers can tell a stale or mixed folder.
 PrepareStats prepare_corpus(const std::string& input, const Tokenizer& tok,
                             const std::string& out_dir, double val_fraction, uint64_t split_seed);
+
+// "" when <dir>/meta.json describes the train.bin and val.bin beside it (token count, vocabulary
+// and checksum of each), else what does not match ("train.bin has checksum ..., meta.json
+// records ..."): a prepare killed between its renames, or files copied from different runs.
+std::string prepared_folder_mismatch(const std::string& dir);
+
+// "" when the corpus at `input` is still the one <dir>/meta.json was prepared from (same files,
+// sizes and, where an mtime differs, the same content), else what changed ("a.txt changed",
+// "b.txt added"). Folders prepared by older versions (no input record) count as changed.
+std::string input_change_since(const std::string& dir, const std::string& input);
 
 }  // namespace pipenag

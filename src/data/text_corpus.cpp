@@ -27,12 +27,20 @@ std::vector<Document> read_documents(const std::string& path) {
   std::error_code ec;
   if (path.empty()) throw Error("data.input is empty: give a text file or a folder of .txt files");
   const fs::file_status st = fs::status(path, ec);
+  if (ec && ec != std::errc::no_such_file_or_directory) throw Error(path + ": " + ec.message());
   if (ec || !fs::exists(st)) throw Error(path + ": no such file or folder");
   std::vector<Document> docs;
   if (fs::is_directory(st)) {
     std::vector<fs::path> files;
-    for (const auto& e : fs::directory_iterator(path, ec))
-      if (e.is_regular_file() && e.path().extension() == ".txt") files.push_back(e.path());
+    for (const auto& e : fs::directory_iterator(path, ec)) {
+      if (e.path().extension() != ".txt") continue;
+      std::error_code fec;
+      const bool regular = e.is_regular_file(fec);
+      // A .txt entry that cannot be followed (a symlink loop, a dangling link) is an error, not a
+      // document to skip in silence.
+      if (fec) throw Error(e.path().string() + ": " + fec.message());
+      if (regular) files.push_back(e.path());
+    }
     if (ec) throw Error(path + ": cannot list folder: " + ec.message());
     std::sort(files.begin(), files.end());
     for (const auto& f : files) docs.push_back({f.filename().string(), slurp(f)});

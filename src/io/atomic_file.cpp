@@ -134,7 +134,7 @@ void write_file_atomic(const std::string& path, std::string_view bytes) {
   f.commit();
 }
 
-std::string read_file(const std::string& path) {
+std::string read_file(const std::string& path, std::size_t max_bytes) {
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) {
     const int err = errno;
@@ -165,6 +165,8 @@ std::string read_file(const std::string& path) {
     }
     if (got == 0) break;
     out.append(buf, static_cast<std::size_t>(got));
+    if (out.size() > max_bytes)
+      throw Error(path + ": longer than " + std::to_string(max_bytes) + " bytes, not a file of this kind");
   }
   return out;
 }

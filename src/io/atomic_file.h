@@ -11,8 +11,9 @@ namespace pipenag {
 // Writes `bytes` to `path` atomically (see AtomicFile). The parent directory must exist.
 void write_file_atomic(const std::string& path, std::string_view bytes);
 
-// The whole content of `path`; Error if it is missing, a directory, or unreadable.
-std::string read_file(const std::string& path);
+// The whole content of `path`; Error if it is missing, a directory, unreadable, or longer than
+// `max_bytes` (a guard for small files such as configs: /dev/zero must not exhaust memory).
+std::string read_file(const std::string& path, std::size_t max_bytes = static_cast<std::size_t>(-1));
 
 // mkdir -p; an empty `dir` means the current directory and does nothing.
 void make_dirs(const std::string& dir);

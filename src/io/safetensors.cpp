@@ -1,5 +1,7 @@
 #include "io/safetensors.h"
 
+#include "data/token_file.h"
+
 #include <algorithm>
 #include <array>
 #include <cstring>
@@ -8,6 +10,7 @@
 #include <tuple>
 #include <utility>
 
+#include "data/token_file.h"
 #include "io/atomic_file.h"
 #include "util/error.h"
 
@@ -174,6 +177,36 @@ std::string SafetensorsWriter::header(const std::vector<Entry>& entries) const {
   uint64_t n = text.size();
   for (int i = 0; i < 8; ++i) out[i] = static_cast<char>((n >> (8 * i)) & 0xff);
   return out + text;
+}
+
+namespace {
+
+std::string combine_checksums(const std::vector<std::pair<const void*, std::size_t>>& spans) {
+  std::string packed;
+  for (const auto& [p, n] : spans) {
+    const uint64_t h = xxhash64(p, n);
+    for (int i = 0; i < 8; ++i) packed.push_back(static_cast<char>((h >> (8 * i)) & 0xff));
+  }
+  char buf[17];
+  std::snprintf(buf, sizeof buf, "%016llx", static_cast<unsigned long long>(xxhash64(packed.data(), packed.size())));
+  return buf;
+}
+
+}  // namespace
+
+std::string SafetensorsWriter::data_checksum() const {
+  std::vector<std::pair<const void*, std::size_t>> spans;
+  for (const auto& e : layout()) spans.emplace_back(e.data, e.info.byte_size);
+  return combine_checksums(spans);
+}
+
+std::string SafetensorsFile::data_checksum() const {
+  std::vector<std::pair<const void*, std::size_t>> spans;
+  for (const auto& name : order_) {
+    const TensorInfo& t = tensors_.at(name);
+    spans.emplace_back(bytes_.data() + data_start_ + t.offset, t.byte_size);
+  }
+  return combine_checksums(spans);
 }
 
 std::string SafetensorsWriter::to_bytes() const {

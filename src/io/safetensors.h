@@ -45,6 +45,10 @@ class SafetensorsWriter {
            const void* data);
   void set_metadata(const std::string& key, const std::string& value);
 
+  // A checksum of every tensor's bytes, in file order (see SafetensorsFile::data_checksum); store
+  // it with set_metadata after the last add().
+  std::string data_checksum() const;
+
   void write(const std::string& path) const;  // atomic (see io/atomic_file.h)
   std::string to_bytes() const;               // the exact file content
   std::size_t size() const { return entries_.size(); }
@@ -79,6 +83,8 @@ class SafetensorsFile {
   const void* data(const std::string& name) const;
   std::vector<std::string> names() const { return order_; }  // in data-offset order
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
+  // 16 hex digits: XXH64 over the XXH64 of each tensor's bytes (little-endian u64s, file order).
+  std::string data_checksum() const;
 
  private:
   SafetensorsFile() = default;

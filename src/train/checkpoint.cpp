@@ -4,7 +4,9 @@
 #include <stdio.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <cmath>
 #include <cstring>
 #include <filesystem>
 #include <memory>
@@ -21,7 +23,9 @@ namespace fs = std::filesystem;
 
 namespace {
 
-constexpr int kFormatVersion = 1;
+// 2: every safetensors file records its step and a checksum of its tensor data ("data_xxh64"),
+// and state.json repeats both; version 1 files (no checksums) are still read.
+constexpr int kFormatVersion = 2;
 
 void fsync_dir(const std::string& dir) {
   const int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY);
@@ -55,6 +59,43 @@ std::string model_config_difference(const ModelConfig& there, const ModelConfig&
   return "";
 }
 
+std::vector<std::string> resume_config_changes(const Config& there, const Config& here) {
+  const nlohmann::json a = config_to_json(there), b = config_to_json(here);
+  static const std::vector<std::string> refused = {
+      "train.batch_size", "train.seed",       "data.input",        "data.dir",
+      "data.tokenizer",   "data.order",       "data.val_fraction", "data.split_seed",
+      "pipeline.schedule", "pipeline.stash",  "pipeline.recompute", "pipeline.microbatches"};
+  static const std::vector<std::string> free_keys = {"out.dir", "train.threads", "pipeline.engine",
+                                                     "pipeline.partition", "model.seed"};
+  std::vector<std::string> notes;
+  for (const auto& [section, keys] : b.items()) {
+    if (!keys.is_object()) continue;
+    for (const auto& [key, value] : keys.items()) {
+      const std::string name = section + "." + key;
+      const nlohmann::json old = a.contains(section) && a[section].contains(key) ? a[section][key] : nlohmann::json();
+      if (old == value || section == "model" ||
+          std::find(free_keys.begin(), free_keys.end(), name) != free_keys.end())
+        continue;
+      if (name == "pipeline.microbatches" && here.pipeline.schedule == "async-1f1b") continue;
+      if (std::find(refused.begin(), refused.end(), name) != refused.end())
+        throw Error("cannot resume with " + name + " = " + value.dump() + ": the checkpoint was trained with " +
+                    old.dump() + " (resume with the same value, or start a new run in another out.dir)");
+      notes.push_back("resuming with " + name + " changed: " + old.dump() + " -> " + value.dump());
+    }
+  }
+  return notes;
+}
+
+void require_finite_weights(const std::string& dir, const Stage& stage) {
+  for (const auto& p : stage.param_table()) {
+    const float* w = stage.params() + p.offset;
+    for (size_t i = 0; i < p.numel; ++i)
+      if (!std::isfinite(w[i]))
+        throw Error(dir + ": tensor " + p.name + " holds a non-finite value (" + std::to_string(w[i]) +
+                    " at index " + std::to_string(i) + "); the run diverged before this checkpoint");
+  }
+}
+
 void save_checkpoint(const std::string& dir, const Config& cfg, const std::vector<StagePart>& parts,
                      const TrainState& st) {
   if (parts.empty()) throw Error("save_checkpoint: no stages");
@@ -71,13 +112,21 @@ void save_checkpoint(const std::string& dir, const Config& cfg, const std::vecto
     for (const auto& part : parts)
       for (const auto& p : part.stage->param_table())
         model.add(p.name, Dtype::F32, p.shape, part.stage->params() + p.offset);
-    model.write(tmp + "/model.safetensors");
+    nlohmann::json files = nlohmann::json::object();
+    const auto seal = [&](SafetensorsWriter& w, const std::string& name) {
+      const std::string sum = w.data_checksum();
+      w.set_metadata("data_xxh64", sum);
+      w.write(tmp + "/" + name);
+      files[name] = {{"step", st.step}, {"data_xxh64", sum}};
+    };
+    seal(model, "model.safetensors");
 
     nlohmann::json scalars = nlohmann::json::array();
     if (opt) {
       SafetensorsWriter o;
       o.set_metadata("optimizer", opt->name());
-      o.set_metadata("step", std::to_string(opt->step_count()));
+      o.set_metadata("step", std::to_string(st.step));
+      o.set_metadata("optimizer_step", std::to_string(opt->step_count()));
       for (const auto& part : parts) {
         if (!part.opt) throw Error("save_checkpoint: a stage without its optimizer");
         auto buffers = part.opt->state_tensors();
@@ -89,7 +138,7 @@ void save_checkpoint(const std::string& dir, const Config& cfg, const std::vecto
         for (const auto& [name, v] : part.opt->state_scalars()) sc[name] = *v;
         scalars.push_back(sc);
       }
-      o.write(tmp + "/optimizer.safetensors");
+      seal(o, "optimizer.safetensors");
     }
 
     nlohmann::json state;
@@ -98,6 +147,7 @@ void save_checkpoint(const std::string& dir, const Config& cfg, const std::vecto
     state["step"] = st.step;
     state["data_position"] = st.data_position;
     state["tokens"] = st.tokens;
+    state["files"] = files;
     state["optimizer_step"] = opt ? opt->step_count() : 0;
     if (opt) {
       state["optimizer"] = opt->name();
@@ -143,12 +193,40 @@ nlohmann::json read_state(const std::string& dir) {
   }
   if (!j.is_object() || j.value("format", "") != "pipenag-checkpoint")
     throw Error(path + ": not a pipenag checkpoint state file");
-  if (j.value("format_version", -1) != kFormatVersion)
+  const int version = j.value("format_version", -1);
+  if (version != 1 && version != kFormatVersion)
     throw Error(path + ": unsupported checkpoint format version " +
                 j.value("format_version", nlohmann::json(-1)).dump());
   for (const char* k : {"step", "data_position", "tokens", "config_toml"})
     if (!j.contains(k)) throw Error(path + ": missing field '" + std::string(k) + "'");
   return j;
+}
+
+// Opens one tensor file of a checkpoint and, from format version 2 on, checks that it belongs to
+// this checkpoint's step and that its tensor data is what was written (a flipped bit, a
+// truncated or swapped file fail with one line).
+SafetensorsFile open_checked(const std::string& dir, const std::string& name, const nlohmann::json& state) {
+  SafetensorsFile f = SafetensorsFile::open(dir + "/" + name);
+  if (state.value("format_version", 1) < 2) return f;
+  const std::string path = dir + "/" + name;
+  const auto& meta = f.metadata();
+  const int64_t step = state["step"].get<int64_t>();
+  const auto it_step = meta.find("step");
+  if (it_step == meta.end() || it_step->second != std::to_string(step))
+    throw Error(path + ": belongs to step " + (it_step == meta.end() ? std::string("(none)") : it_step->second) +
+                ", but state.json is at step " + std::to_string(step) + " (files from different checkpoints)");
+  const auto it_sum = meta.find("data_xxh64");
+  if (it_sum == meta.end()) throw Error(path + ": no data_xxh64 checksum in its metadata");
+  const std::string actual = f.data_checksum();
+  if (actual != it_sum->second)
+    throw Error(path + ": tensor data is damaged (checksum " + actual + ", recorded " + it_sum->second + ")");
+  const std::string recorded = state.contains("files") && state["files"].contains(name)
+                                   ? state["files"][name].value("data_xxh64", std::string())
+                                   : std::string();
+  if (recorded != actual)
+    throw Error(path + ": is not the file this checkpoint wrote (checksum " + actual + ", state.json records " +
+                (recorded.empty() ? std::string("none") : recorded) + ")");
+  return f;
 }
 
 }  // namespace
@@ -202,7 +280,7 @@ void load_checkpoint(const std::string& dir, const Config& cfg, const std::vecto
                   " here (resume with the same pipeline.stages and pipeline.partition)");
     }
   }
-  const SafetensorsFile model = SafetensorsFile::open(dir + "/model.safetensors");
+  const SafetensorsFile model = open_checked(dir, "model.safetensors", j);
   for (const auto& part : parts)
     for (const auto& p : part.stage->param_table())
       copy_f32(model, p.name, p.shape, part.stage->params() + p.offset);
@@ -215,7 +293,7 @@ void load_checkpoint(const std::string& dir, const Config& cfg, const std::vecto
       if (there_opt != part.opt->name())
         throw Error(dir + ": checkpoint was trained with optimizer " + there_opt + ", this run uses " +
                     part.opt->name() + " (optim.name)");
-      o = std::make_unique<SafetensorsFile>(SafetensorsFile::open(dir + "/optimizer.safetensors"));
+      o = std::make_unique<SafetensorsFile>(open_checked(dir, "optimizer.safetensors", j));
     }
     auto buffers = part.opt->state_tensors();
     buffers.insert(buffers.end(), part.extra.begin(), part.extra.end());

@@ -54,6 +54,16 @@ inline void load_weights(const std::string& dir, const Config& cfg, Stage& stage
   load_checkpoint(dir, cfg, {StagePart{&stage, nullptr, {}}}, nullptr);
 }
 
+// Resuming a checkpoint trained with config `there` under config `here`: Error naming the first
+// key whose change would make the continuation a different run (batch size, data, data order,
+// schedule, micro-batches, stashing, recomputation); the returned lines say what else changes
+// ("train.lr: 0.001 -> 0.0006"). Threads, engine and out.dir may change freely.
+std::vector<std::string> resume_config_changes(const Config& there, const Config& here);
+
+// Error naming the first tensor of `stage` that holds a NaN or an infinity (eval and sample
+// refuse such weights instead of printing "nan").
+void require_finite_weights(const std::string& dir, const Stage& stage);
+
 // "" when equal, else a description of the first difference ("model.n_layer is 4 there, 6 here").
 std::string model_config_difference(const ModelConfig& there, const ModelConfig& here);
 

@@ -460,9 +460,12 @@ Config parse_config(std::string_view toml_text, std::string_view source_name,
   return cfg;
 }
 
+// A config is a few kilobytes; anything past this is not one (and /dev/zero never ends).
+constexpr std::size_t kMaxConfigBytes = 1 << 20;
+
 Config load_config(const std::string& path, const std::vector<std::string>& overrides) {
   if (path.empty()) return parse_config("", "defaults", overrides);
-  return parse_config(read_file(path), path, overrides);
+  return parse_config(read_file(path, kMaxConfigBytes), path, overrides);
 }
 
 void validate(const Config& cfg) {

@@ -27,10 +27,14 @@ const ParamSpec& find_param(const Stage& s, const std::string& name) {
 
 }  // namespace
 
-std::string sample_text(const std::string& checkpoint_dir, const SampleOptions& opt) {
-  if (opt.temperature < 0) throw Error("--temperature must be >= 0");
+void sample_stream(const std::string& checkpoint_dir, const SampleOptions& opt,
+                   const std::function<bool(const std::string&)>& out) {
+  if (!std::isfinite(opt.temperature) || opt.temperature < 0)
+    throw Error("--temperature must be a number >= 0, got " + std::to_string(opt.temperature));
   if (opt.top_k < 0) throw Error("--top-k must be >= 0");
-  if (opt.max_new_tokens < 0) throw Error("--tokens must be >= 0");
+  if (opt.max_new_tokens < 0 || opt.max_new_tokens > kMaxSampleTokens)
+    throw Error("--tokens must be between 0 and " + std::to_string(kMaxSampleTokens) + ", got " +
+                std::to_string(opt.max_new_tokens));
   Config cfg = read_checkpoint_config(checkpoint_dir);
   const ModelConfig& m = cfg.model;
   const auto tok = load_tokenizer(tokenizer_spec(cfg));
@@ -42,6 +46,7 @@ std::string sample_text(const std::string& checkpoint_dir, const SampleOptions& 
   // The whole model except the head runs as a stage; the head is applied to one row by hand.
   Stage stage(m, 0, m.n_layer + 2, 1, 1);
   load_weights(checkpoint_dir, cfg, stage);
+  require_finite_weights(checkpoint_dir, stage);
   const int T = m.block_size, C = m.n_embd, V = m.vocab_size;
   const float* w = stage.params();
   const float* lnw = w + find_param(stage, "transformer.ln_f.weight").offset;
@@ -51,6 +56,7 @@ std::string sample_text(const std::string& checkpoint_dir, const SampleOptions& 
 
   std::vector<int32_t> seq = tok->encode(opt.prompt);
   if (seq.empty()) seq = tok->eot() ? std::vector<int32_t>{*tok->eot()} : tok->encode("\n");
+  if (!out(tok->decode(seq.data(), seq.size()))) return;
   std::mt19937_64 rng(opt.seed);
   std::vector<int32_t> x(static_cast<size_t>(T)), y(static_cast<size_t>(T), -1);
   std::vector<float> hidden(static_cast<size_t>(C)), normed(static_cast<size_t>(C));
@@ -85,9 +91,20 @@ std::string sample_text(const std::string& checkpoint_dir, const SampleOptions& 
       next = order[static_cast<size_t>(dist(rng))];
     }
     seq.push_back(next);
+    // Only the last block_size tokens are ever read again.
+    if (seq.size() > static_cast<size_t>(4 * T)) seq.erase(seq.begin(), seq.end() - T);
+    const int32_t id = next;
+    if (!out(tok->decode(&id, 1))) return;
   }
-  // The prompt as given, then the decoded continuation.
-  return tok->decode(seq.data(), seq.size());
+}
+
+std::string sample_text(const std::string& checkpoint_dir, const SampleOptions& opt) {
+  std::string text;
+  sample_stream(checkpoint_dir, opt, [&](const std::string& piece) {
+    text += piece;
+    return true;
+  });
+  return text;
 }
 
 }  // namespace pipenag

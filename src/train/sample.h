@@ -1,6 +1,7 @@
 // Text generation from a checkpoint: autoregressive sampling with temperature and top-k.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <string>
 
 #include "model/config.h"
@@ -15,8 +16,15 @@ struct SampleOptions {
   uint64_t seed = 1337;
 };
 
-// The prompt is encoded with the tokenizer the checkpoint's data was made with; the result is the
-// decoded prompt and continuation.
+// Most tokens one `sample` may generate (it streams, so this bounds time, not memory).
+constexpr int kMaxSampleTokens = 10'000'000;
+
+// The prompt is encoded with the tokenizer the checkpoint's data was made with. `out` receives
+// the decoded prompt, then each generated token's text as soon as it is sampled; it returns false
+// to stop early (its reader went away).
+void sample_stream(const std::string& checkpoint_dir, const SampleOptions& opt,
+                   const std::function<bool(const std::string&)>& out);
+// The decoded prompt and continuation as one string.
 std::string sample_text(const std::string& checkpoint_dir, const SampleOptions& opt);
 
 }  // namespace pipenag

@@ -2,7 +2,10 @@
 
 #include <omp.h>
 
+#include <array>
 #include <atomic>
+#include <cerrno>
+#include <cstring>
 #include <chrono>
 #include <cmath>
 #include <csignal>
@@ -29,6 +32,7 @@
 #include "pipeline/stage_worker.h"
 #include "train/checkpoint.h"
 #include "train/progress.h"
+#include "train/run_folder.h"
 #include "util/error.h"
 
 namespace pipenag {
@@ -39,30 +43,44 @@ namespace {
 std::atomic<int> g_stop_signal{0};
 extern "C" void on_stop_signal(int sig) { g_stop_signal.store(sig); }
 
-// Installs SIGINT/SIGTERM handlers for the duration of a training run: the loop finishes the
-// step in progress, writes a checkpoint and stops, so nothing is lost on Ctrl-C or a kill.
+// Installs SIGINT/SIGTERM/SIGHUP handlers for the duration of a training run: the loop finishes
+// the step in progress, writes a checkpoint and stops, so nothing is lost on Ctrl-C, a kill or a
+// closed terminal. SIGPIPE is ignored: a reader of the progress output that goes away (`| head`)
+// must not kill the training; the write fails with EPIPE instead, and progress output ignores it.
 class StopSignals {
  public:
   StopSignals() {
     g_stop_signal.store(0);
-    old_int_ = std::signal(SIGINT, on_stop_signal);
-    old_term_ = std::signal(SIGTERM, on_stop_signal);
+    for (size_t i = 0; i < kSignals.size(); ++i) old_[i] = std::signal(kSignals[i], on_stop_signal);
+    old_pipe_ = std::signal(SIGPIPE, SIG_IGN);
   }
   ~StopSignals() {
-    std::signal(SIGINT, old_int_);
-    std::signal(SIGTERM, old_term_);
+    for (size_t i = 0; i < kSignals.size(); ++i) std::signal(kSignals[i], old_[i]);
+    std::signal(SIGPIPE, old_pipe_);
   }
   int pending() const { return g_stop_signal.load(); }
 
  private:
-  void (*old_int_)(int) = SIG_DFL;
-  void (*old_term_)(int) = SIG_DFL;
+  static constexpr std::array<int, 3> kSignals = {SIGINT, SIGTERM, SIGHUP};
+  std::array<void (*)(int), 3> old_{};
+  void (*old_pipe_)(int) = SIG_DFL;
 };
 
-int thread_count(const TrainConfig& t) {
-  if (t.threads > 0) return t.threads;
+int cores() {
   const unsigned n = std::thread::hardware_concurrency();
   return n == 0 ? 1 : static_cast<int>(n);
+}
+
+// train.threads, or all cores; never more threads than cores (a note says so when capped).
+int thread_count(const TrainConfig& t, std::string* note = nullptr) {
+  if (t.threads <= 0) return cores();
+  if (t.threads > cores()) {
+    if (note)
+      *note = "train.threads = " + std::to_string(t.threads) + " is more than the " +
+              std::to_string(cores()) + " cores here; using " + std::to_string(cores());
+    return cores();
+  }
+  return t.threads;
 }
 
 void check_vocab(const ModelConfig& m, int tokenizer_vocab) {
@@ -86,32 +104,48 @@ nlohmann::json read_meta(const std::string& dir) {
 // being written.
 class MetricsLog {
  public:
-  MetricsLog(const std::string& path, bool resume, int64_t resume_step) : path_(path) {
-    std::string kept;
+  // Resuming keeps the history up to the checkpoint's step; a line that is not valid JSON (a
+  // torn write, a damaged file) goes to <path>.corrupt instead of silently ending the history,
+  // and `note` says how many did.
+  MetricsLog(const std::string& path, bool resume, int64_t resume_step, std::string* note) : path_(path) {
+    std::string kept, bad;
+    int n_bad = 0;
     if (resume && fs::exists(path)) {
-      // Keep only the history up to the checkpoint we continue from.
       std::istringstream in(read_file(path));
       std::string line;
       while (std::getline(in, line)) {
+        if (line.empty()) continue;
         try {
           const auto j = nlohmann::json::parse(line);
-          if (j.value("step", int64_t{0}) <= resume_step) kept += line + "\n";
-        } catch (const nlohmann::json::exception&) {
-          break;  // a torn last line from a crash
+          if (!j.is_object() || !j.contains("step") || !j["step"].is_number_integer())
+            throw std::invalid_argument("no step");
+          if (j["step"].get<int64_t>() <= resume_step) kept += line + "\n";
+        } catch (const std::exception&) {
+          bad += line + "\n";
+          ++n_bad;
         }
       }
     }
+    if (n_bad > 0) {
+      const std::string q = path + ".corrupt";
+      std::string old;
+      if (fs::exists(q)) old = read_file(q);
+      write_file_atomic(q, old + bad);
+      *note = path + ": " + std::to_string(n_bad) + " damaged line" + (n_bad == 1 ? "" : "s") +
+              " moved to " + q + "; the valid lines are kept";
+    }
     write_file_atomic(path, kept);
     f_ = std::fopen(path.c_str(), "ab");
-    if (!f_) throw Error(path + ": cannot open for appending");
+    if (!f_) throw Error(path + ": cannot open for appending: " + std::strerror(errno));
   }
   ~MetricsLog() {
     if (f_) std::fclose(f_);
   }
   void write(const nlohmann::json& j) {
     const std::string s = j.dump() + "\n";
+    errno = 0;
     if (std::fwrite(s.data(), 1, s.size(), f_) != s.size() || std::fflush(f_) != 0)
-      throw Error(path_ + ": write failed");
+      throw Error(path_ + ": write failed: " + (errno ? std::strerror(errno) : "short write"));
   }
 
  private:
@@ -119,10 +153,16 @@ class MetricsLog {
   std::FILE* f_ = nullptr;
 };
 
-double nan_guard(double loss, int64_t step) {
-  if (!std::isfinite(loss))
+// `step`: the update whose loss it is (as metrics.jsonl numbers it).
+double nan_guard(double loss, int64_t step, double clip) {
+  if (!std::isfinite(loss)) {
+    char c[64];
+    std::snprintf(c, sizeof c, "%g", clip);
     throw Error("training diverged: loss is " + std::to_string(loss) + " at step " +
-                std::to_string(step) + " (lower train.lr or enable train.clip)");
+                std::to_string(step) +
+                (clip > 0 ? " (lower train.lr; clipping at train.clip = " + std::string(c) + " is already on)"
+                          : std::string(" (lower train.lr or set train.clip, e.g. 1.0)")));
+  }
   return loss;
 }
 
@@ -132,9 +172,9 @@ struct Data {
   std::unique_ptr<TokenLoader> train, val;
 };
 
-Data load_data(const Config& cfg) {
+Data load_data(const Config& cfg, std::string* note = nullptr) {
   Data d;
-  d.dir = prepared_data_dir(cfg);
+  d.dir = prepared_data_dir(cfg, note);
   d.train_file = TokenFile::open(d.dir + "/train.bin");
   d.val_file = TokenFile::open(d.dir + "/val.bin");
   check_vocab(cfg.model, d.train_file.vocab_size());
@@ -176,24 +216,37 @@ double eval_loss(const std::vector<StageWorker*>& workers, const TokenLoader& va
 
 }  // namespace
 
-std::string prepared_data_dir(const Config& cfg) {
-  if (!cfg.data.dir.empty()) return cfg.data.dir;
+std::string prepared_data_dir(const Config& cfg, std::string* note) {
+  if (!cfg.data.dir.empty()) {
+    const std::string bad = prepared_folder_mismatch(cfg.data.dir);
+    if (!bad.empty())
+      throw Error(bad + " (a prepare was interrupted, or files from different runs were mixed: run "
+                  "`pipenag prepare` again)");
+    return cfg.data.dir;
+  }
   if (cfg.data.input.empty()) throw Error("data.input or data.dir must be set");
-  // data.input is tokenised once into <out.dir>/data and reused while input, tokenizer and
-  // split settings stay the same.
+  // data.input is tokenised once into <out.dir>/data and reused while the corpus, tokenizer and
+  // split settings stay the same and the token files are the ones meta.json describes.
   const std::string dir = cfg.out.dir + "/data";
   const auto tok = load_tokenizer(cfg.data.tokenizer);
-  if (std::filesystem::exists(dir + "/meta.json") && std::filesystem::exists(dir + "/train.bin") &&
-      std::filesystem::exists(dir + "/val.bin")) {
+  if (std::filesystem::exists(dir + "/meta.json")) {
+    std::string why;
     try {
       const nlohmann::json m = read_meta(dir);
-      if (m.value("input", "") == cfg.data.input && m.value("tokenizer", "") == tok->name() &&
-          m.value("val_fraction", -1.0) == cfg.data.val_fraction &&
-          m.value("split_seed", uint64_t{1} << 63) == cfg.data.split_seed)
-        return dir;
-    } catch (const Error&) {
-      // A damaged meta.json is rebuilt below.
+      if (m.value("input", "") != cfg.data.input) why = "data.input differs";
+      else if (m.value("tokenizer", "") != tok->name()) why = "data.tokenizer differs";
+      else if (m.value("val_fraction", -1.0) != cfg.data.val_fraction) why = "data.val_fraction differs";
+      else if (m.value("split_seed", uint64_t{1} << 63) != cfg.data.split_seed) why = "data.split_seed differs";
+      if (why.empty()) why = prepared_folder_mismatch(dir);
+      if (why.empty()) {
+        const std::string changed = input_change_since(dir, cfg.data.input);
+        if (!changed.empty()) why = "the corpus changed since it was tokenised: " + changed;
+      }
+    } catch (const Error& e) {
+      why = e.what();
     }
+    if (why.empty()) return dir;
+    if (note) *note = "re-tokenising " + cfg.data.input + " into " + dir + " (" + why + ")";
   }
   prepare_corpus(cfg.data.input, *tok, dir, cfg.data.val_fraction, cfg.data.split_seed);
   return dir;
@@ -201,6 +254,8 @@ std::string prepared_data_dir(const Config& cfg) {
 
 std::string tokenizer_spec(const Config& cfg) {
   if (cfg.data.dir.empty()) return cfg.data.tokenizer;
+  const std::string bad = prepared_folder_mismatch(cfg.data.dir);
+  if (!bad.empty()) throw Error(bad + " (run `pipenag prepare` again)");
   const nlohmann::json m = read_meta(cfg.data.dir);
   if (!m.contains("tokenizer") || !m["tokenizer"].is_string())
     throw Error(cfg.data.dir + "/meta.json: no tokenizer field");
@@ -282,8 +337,50 @@ static std::string format_bytes(double b) {
   return buf;
 }
 
+namespace {
+
+// What an earlier run left in out.dir: continued (--resume), removed (--force), else refused.
+void claim_run_folder(const Config& cfg, const TrainOptions& opt, std::vector<std::string>& notes) {
+  const std::string dir = cfg.out.dir.empty() ? "." : cfg.out.dir;
+  if (const int n = remove_stale_temporaries(dir); n > 0)
+    notes.push_back("removed " + std::to_string(n) + " temporar" + (n == 1 ? "y" : "ies") +
+                    " left in " + dir + " by killed runs");
+  const std::string ckpt = dir + "/checkpoint", metrics = dir + "/metrics.jsonl";
+  if (opt.resume) {
+    if (opt.force) throw Error("--resume and --force exclude each other");
+    return;
+  }
+  std::error_code ec;
+  const bool has_ckpt = fs::exists(ckpt, ec);
+  const bool has_metrics = fs::exists(metrics, ec) && fs::file_size(metrics, ec) > 0;
+  if (!has_ckpt && !has_metrics) return;
+  if (!opt.force) {
+    std::string what = "an earlier run";
+    try {
+      const auto j = nlohmann::json::parse(read_file(ckpt + "/state.json"));
+      what += " (checkpoint at step " + std::to_string(j.at("step").get<int64_t>()) + ")";
+    } catch (const std::exception&) {
+    }
+    throw Error("out.dir " + dir + " holds " + what +
+                "; continue it with --resume, or start over with --force (which deletes it)");
+  }
+  for (const char* f : {"checkpoint", "metrics.jsonl", "metrics.jsonl.corrupt", "memory.json"})
+    fs::remove_all(dir + "/" + f, ec);
+  notes.push_back("--force: removed the earlier run's checkpoint and metrics from " + dir);
+}
+
+}  // namespace
+
 TrainResult train(const Config& user_cfg, const TrainOptions& opt) {
-  const int cores = thread_count(user_cfg.train);
+  // One owner per run folder for the whole run, data preparation included.
+  RunFolderLock lock(user_cfg.out.dir.empty() ? "." : user_cfg.out.dir);
+  // From here on a signal ends the run with a checkpoint, and a closed pipe cannot end it.
+  StopSignals signals;
+  std::vector<std::string> notes;
+  claim_run_folder(user_cfg, opt, notes);
+  std::string threads_note;
+  const int cores = thread_count(user_cfg.train, &threads_note);
+  if (!threads_note.empty()) notes.push_back(threads_note);
   const EngineKind engine = parse_engine_kind(user_cfg.pipeline.engine);
   const ScheduleKind kind = parse_schedule_kind(user_cfg.pipeline.schedule);
   const int P = user_cfg.pipeline.stages;
@@ -296,7 +393,9 @@ TrainResult train(const Config& user_cfg, const TrainOptions& opt) {
   omp_set_num_threads(cores);
   const int B = cfg.train.batch_size, T = cfg.model.block_size;
   const int64_t tokens_per_update = static_cast<int64_t>(M) * B * T;
-  Data data = load_data(cfg);
+  std::string data_note;
+  Data data = load_data(cfg, &data_note);
+  if (!data_note.empty()) notes.push_back(data_note);
 
   auto workers = make_workers(cfg);
   std::vector<StageWorker*> ws;
@@ -312,11 +411,25 @@ TrainResult train(const Config& user_cfg, const TrainOptions& opt) {
   const std::string ckpt_dir = cfg.out.dir + "/checkpoint";
   if (opt.resume) {
     load_checkpoint(ckpt_dir, cfg, parts, &st);
+    for (auto& n : resume_config_changes(read_checkpoint_config(ckpt_dir), user_cfg)) notes.push_back(std::move(n));
   } else {
     for (auto* w : ws) w->stage().init_params(cfg.model.seed);
   }
   for (auto* w : ws) w->set_version(st.step);
-  MetricsLog metrics(cfg.out.dir + "/metrics.jsonl", opt.resume, st.step);
+  if (opt.resume && st.step > cfg.train.steps)
+    throw Error(ckpt_dir + " is at step " + std::to_string(st.step) + ", beyond train.steps = " +
+                std::to_string(cfg.train.steps) + " (raise train.steps to continue it)");
+  TrainResult res;
+  if (opt.resume && st.step == cfg.train.steps) {
+    // Finished already: nothing to train, evaluate or write.
+    res.already_finished = true;
+    res.steps = st.step;
+    res.checkpoint = ckpt_dir;
+    return res;
+  }
+  std::string metrics_note;
+  MetricsLog metrics(cfg.out.dir + "/metrics.jsonl", opt.resume, st.step, &metrics_note);
+  if (!metrics_note.empty()) notes.push_back(metrics_note);
   Progress progress(cfg.train.steps, cfg.train.log_every, opt.quiet);
   {
     char buf[320];
@@ -345,11 +458,10 @@ TrainResult train(const Config& user_cfg, const TrainOptions& opt) {
     }
     if (!partition_note.empty()) progress.message(partition_note);
     if (opt.resume) progress.message("resumed from " + ckpt_dir + " at step " + std::to_string(st.step));
+    for (const auto& n : notes) progress.message("note: " + n);
   }
 
   std::vector<int32_t> x(static_cast<size_t>(B) * T), y(static_cast<size_t>(B) * T);
-  TrainResult res;
-  StopSignals signals;
   const int64_t end = opt.stop_at >= 0 ? std::min(opt.stop_at, cfg.train.steps) : cfg.train.steps;
   const auto run_start = std::chrono::steady_clock::now();
   int64_t run_tokens = 0;
@@ -405,7 +517,7 @@ TrainResult train(const Config& user_cfg, const TrainOptions& opt) {
     hooks.on_step = [&](int k, StageWorker& w, const RunMonitor& mon) {
       if (k != P - 1) return;
       const int64_t step = w.version();
-      const double loss = nan_guard(w.last_update_loss(), step - 1);
+      const double loss = nan_guard(w.last_update_loss(), step, cfg.train.clip);
       const auto now = std::chrono::steady_clock::now();
       const double dt = std::chrono::duration<double>(now - last_step_time).count();
       last_step_time = now;
@@ -490,10 +602,14 @@ EvalResult evaluate_checkpoint(const std::string& checkpoint_dir, const Config& 
   Stage stage(cfg.model, 0, cfg.model.n_layer + 2, cfg.train.batch_size, 1);
   stage.set_bf16(cfg.train.bf16);
   load_weights(checkpoint_dir, cfg, stage);
+  require_finite_weights(checkpoint_dir, stage);
   std::vector<int32_t> x(stage.boundary_floats() / static_cast<size_t>(cfg.model.n_embd));
   std::vector<int32_t> y(x.size());
   EvalResult r;
   r.loss = eval_loss(std::vector<Stage*>{&stage}, *data.val, batches, x, y);
+  if (!std::isfinite(r.loss))
+    throw Error(checkpoint_dir + ": the validation loss is " + std::to_string(r.loss) +
+                " (the weights are finite but the model overflows on this data)");
   r.ppl = std::exp(r.loss);
   r.tokens = static_cast<int64_t>(batches) * static_cast<int64_t>(x.size());
   return r;

@@ -16,6 +16,7 @@ namespace pipenag {
 
 struct TrainOptions {
   bool resume = false;     // continue from <out>/checkpoint
+  bool force = false;      // start over in an out.dir that holds an earlier run (removing it)
   int64_t stop_at = -1;    // stop (with a checkpoint) after this many updates, as if interrupted
   bool quiet = false;      // no progress output
   std::string trace;       // write a Chrome trace-event JSON of every stage's actions here
@@ -29,6 +30,7 @@ struct TrainResult {
   double tokens_per_s = 0.0;  // mean over this invocation
   double utilization = -1.0;  // of the last segment (fraction of stage-time computing)
   std::string checkpoint;     // folder of the final checkpoint
+  bool already_finished = false;  // --resume of a run that had reached train.steps: nothing done
 };
 
 TrainResult train(const Config& cfg, const TrainOptions& opt);
@@ -39,7 +41,8 @@ std::vector<std::unique_ptr<StageWorker>> make_workers(const Config& cfg);
 
 // The folder with train.bin / val.bin / meta.json for this config: data.dir, or <out.dir>/data,
 // prepared from data.input with data.tokenizer when missing or made with other settings.
-std::string prepared_data_dir(const Config& cfg);
+// `note` (optional) says why an existing cache was rebuilt.
+std::string prepared_data_dir(const Config& cfg, std::string* note = nullptr);
 // The tokenizer spec the config's data was made with (for sampling).
 std::string tokenizer_spec(const Config& cfg);
 
