@@ -339,3 +339,113 @@ TEST_F(Trust, ATruncatedVocabBpeIsRefused) {
 }
 
 }  // namespace
+
+namespace {
+
+// Evaluations, checkpoints and interruptions inside a pipeline's flow (issue 10, item 4): none
+// of them drains the pipeline, so none of them changes a bit of what the run computes.
+struct FlowCase {
+  std::string schedule;
+  bool stash, recompute;
+};
+
+class FlowExactness : public Trust, public ::testing::WithParamInterface<FlowCase> {
+ protected:
+  std::string sets(int steps) const {
+    const FlowCase& c = GetParam();
+    return " --set model.n_layer=4 --set pipeline.stages=3 --set pipeline.engine=threads --set pipeline.schedule=" +
+           c.schedule + " --set pipeline.microbatches=" + (c.schedule == "async-1f1b" ? "1" : "2") + " --set pipeline.stash=" + (c.stash ? "true" : "false") +
+           " --set pipeline.recompute=" + (c.recompute ? "true" : "false") +
+           " --set train.steps=" + std::to_string(steps) + " --set train.warmup_steps=3";
+  }
+  void train_into(const std::string& name, const std::string& extra) {
+    const RunResult r = run("train -q " + cfg() + sets(steps_) + " --set out.dir=" + (dir_ / name).string() + " " + extra);
+    ASSERT_EQ(r.code, 0) << name << ": " << r.err;
+  }
+  std::vector<double> losses(const std::string& name) {
+    std::vector<double> v;
+    for (const auto& j : metrics(dir_ / name))
+      if (j.contains("loss")) v.push_back(j["loss"].get<double>());
+    return v;
+  }
+  void expect_same_run(const std::string& a, const std::string& b) {
+    EXPECT_EQ(losses(a), losses(b)) << a << " vs " << b;
+    EXPECT_EQ(losses(a).size(), static_cast<size_t>(steps_));
+    EXPECT_TRUE(slurp(dir_ / a / "checkpoint" / "model.safetensors") ==
+                slurp(dir_ / b / "checkpoint" / "model.safetensors")) << a << " vs " << b;
+    EXPECT_TRUE(slurp(dir_ / a / "checkpoint" / "optimizer.safetensors") ==
+                slurp(dir_ / b / "checkpoint" / "optimizer.safetensors")) << a << " vs " << b;
+  }
+  int steps_ = 12;
+};
+
+TEST_P(FlowExactness, EvaluationsCheckpointsAndStopsChangeNoBit) {
+  train_into("plain", "--set train.eval_every=0 --set train.checkpoint_every=0");
+  // Evaluations every 7 updates and checkpoints every 5: the same training.
+  train_into("evals", "--set train.eval_every=7 --set train.checkpoint_every=5");
+  expect_same_run("plain", "evals");
+  int evals = 0;
+  for (const auto& j : metrics(dir_ / "evals")) evals += j.contains("val_loss") ? 1 : 0;
+  EXPECT_EQ(evals, 2);  // at 7 and at the end
+  // Stopped at 5 (mid-flow: micro-batches in flight) and resumed.
+  train_into("split", "--set train.eval_every=0 --stop-at 5");
+  EXPECT_EQ(nlohmann::json::parse(slurp(dir_ / "split" / "checkpoint" / "state.json"))["step"], 5);
+  // async-1f1b pauses with micro-batches in flight (stages 0 and 1) and an activation in transit
+  // on each boundary; the synchronous schedules pause at a flush, with nothing in flight.
+  EXPECT_EQ(fs::exists(dir_ / "split" / "checkpoint" / "flow.safetensors"), GetParam().schedule == "async-1f1b");
+  train_into("split", "--set train.eval_every=0 --resume");
+  expect_same_run("plain", "split");
+  // Stopped twice, the second time with a checkpoint_every cut in between.
+  train_into("twice", "--set train.eval_every=0 --stop-at 3");
+  train_into("twice", "--set train.eval_every=0 --set train.checkpoint_every=4 --stop-at 9 --resume");
+  train_into("twice", "--set train.eval_every=0 --resume");
+  expect_same_run("plain", "twice");
+}
+
+TEST_P(FlowExactness, SigintAtAnyUpdateThenResumeIsTheUninterruptedRun) {
+  steps_ = 120;
+  train_into("plain", "--set train.eval_every=0");
+  int interrupted = 0;
+  for (size_t wait_lines : {2u, 9u}) {
+    const std::string name = "cut" + std::to_string(wait_lines);
+    const pid_t pid = ::fork();
+    ASSERT_GE(pid, 0);
+    if (pid == 0) {
+      const std::string err = (dir_ / (name + ".err")).string();
+      if (!std::freopen(err.c_str(), "w", stderr)) ::_exit(126);
+      const std::string cmd = std::string(PIPENAG_BINARY) + " train -q " + cfg() + sets(steps_) +
+                              " --set train.eval_every=0 --set out.dir=" + (dir_ / name).string();
+      ::execl("/bin/sh", "sh", "-c", ("exec " + cmd).c_str(), static_cast<char*>(nullptr));
+      ::_exit(127);
+    }
+    for (int i = 0; i < 600; ++i) {
+      if (fs::exists(dir_ / name / "metrics.jsonl") && metrics(dir_ / name).size() >= wait_lines) break;
+      ::usleep(20000);
+    }
+    ::kill(pid, SIGINT);
+    int st = 0;
+    ::waitpid(pid, &st, 0);
+    ASSERT_TRUE(WIFEXITED(st));
+    if (WEXITSTATUS(st) == 0) continue;  // finished before the signal: nothing to test
+    EXPECT_EQ(WEXITSTATUS(st), 1) << slurp(dir_ / (name + ".err"));
+    ++interrupted;
+    const int64_t at = checkpoint_step(dir_ / name);
+    EXPECT_GT(at, 0);
+    EXPECT_LT(at, steps_);
+    train_into(name, "--set train.eval_every=0 --resume");
+    expect_same_run("plain", name);
+  }
+  EXPECT_GE(interrupted, 1) << "every run finished before its signal";
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Schedules, FlowExactness,
+    ::testing::Values(FlowCase{"async-1f1b", true, false}, FlowCase{"async-1f1b", false, false},
+                      FlowCase{"async-1f1b", true, true}, FlowCase{"async-1f1b", false, true},
+                      FlowCase{"gpipe", true, false}, FlowCase{"1f1b", true, true}),
+    [](const ::testing::TestParamInfo<FlowCase>& i) {
+      std::string n = i.param.schedule == "async-1f1b" ? "async1f1b" : i.param.schedule == "1f1b" ? "onefoneb" : "gpipe";
+      return n + (i.param.stash ? "_stash" : "_nostash") + (i.param.recompute ? "_recompute" : "");
+    });
+
+}  // namespace

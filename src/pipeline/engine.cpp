@@ -9,6 +9,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <nlohmann/json.hpp>
 #include <thread>
 
@@ -88,6 +89,14 @@ class Mailbox {
     }
   }
 
+  // The messages not yet taken (mb, data), in arrival order.
+  std::vector<std::pair<int64_t, std::vector<float>>> pending() const {
+    std::lock_guard<std::mutex> l(mu_);
+    std::vector<std::pair<int64_t, std::vector<float>>> out;
+    for (const auto& m : msgs_) out.emplace_back(m.mb, m.data);
+    return out;
+  }
+
   void give_back(std::vector<float>&& buf) {
     std::lock_guard<std::mutex> l(mu_);
     pool_.push_back(std::move(buf));
@@ -101,7 +110,7 @@ class Mailbox {
  private:
   size_t floats_;
   const Shared& sh_;
-  std::mutex mu_;
+  mutable std::mutex mu_;
   std::condition_variable cv_;
   struct Message {
     int64_t mb;
@@ -175,7 +184,8 @@ class Run final : public RunMonitor {
   Run(const Schedule& s, const std::vector<StageWorker*>& workers, const EngineOptions& opt,
       const EngineHooks& hooks)
       : s_(s), w_(workers), opt_(opt), hooks_(hooks), counters_(workers.size()),
-        next_(workers.size(), 0), deposited_(workers.size(), -1), sim_clock_(workers.size(), 0.0),
+        next_(workers.size(), 0), done_(workers.size(), 0), deposited_(workers.size(), -1),
+        sim_clock_(workers.size(), 0.0),
         events_(workers.size()),
         norms_(s.stages, sh_) {
     if (opt.global_clip && s.asynchronous())
@@ -192,9 +202,46 @@ class Run final : public RunMonitor {
     start_ = Clock::now();
   }
 
+  // Seconds the stages have been running (a flow's pauses between windows not counted).
   double elapsed() const override {
-    return std::chrono::duration<double>(Clock::now() - start_).count();
+    const Clock::time_point now = paused_since_ ? *paused_since_ : Clock::now();
+    return std::chrono::duration<double>(now - start_).count() - paused_;
   }
+
+  // ---- windows (Flow): every stage runs until it has made weight version `stop` ----
+  void window(int64_t stop) {
+    if (paused_since_) {
+      paused_ += std::chrono::duration<double>(Clock::now() - *paused_since_).count();
+      paused_since_.reset();
+    }
+    stop_version_.store(stop);
+    stop_decided_ = false;
+    std::fill(done_.begin(), done_.end(), 0);
+    if (opt_.kind == EngineKind::Threads) run_threads();
+    else run_sequential();
+    paused_since_ = Clock::now();
+  }
+  int64_t min_version() const {
+    int64_t v = INT64_MAX;
+    for (auto* w : w_) v = std::min(v, w->version());
+    return v;
+  }
+  // Starts every stage right after the Step that made weight version base + `updates`.
+  void start_after(int64_t updates) {
+    for (size_t k = 0; k < w_.size(); ++k) {
+      size_t i = 0;
+      for (int64_t n = 0; n < updates; ++i) {
+        if (i >= s_.actions[k].size())
+          throw Error("flow: the schedule has fewer than " + std::to_string(updates) + " updates on stage " +
+                      std::to_string(k));
+        if (s_.actions[k][i].op == Op::Step) ++n;
+      }
+      next_[k] = i;
+    }
+  }
+  Mailbox& forward_box(int k) { return *fwd_.at(static_cast<size_t>(k)); }
+  Mailbox& backward_box(int k) { return *bwd_.at(static_cast<size_t>(k)); }
+  int64_t stop_version() const { return stop_version_.load(); }
 
   double utilization() const override {
     const size_t P = w_.size();
@@ -218,11 +265,17 @@ class Run final : public RunMonitor {
   RunStats go() {
     if (opt_.kind == EngineKind::Threads) run_threads();
     else run_sequential();
-    RunStats r;
-    r.wall = elapsed();
+    RunStats r = stats();
     const int64_t cut = sh_.cut.load();
     r.microbatches = cut;
     r.updates = cut / s_.microbatches;
+    return r;
+  }
+
+  // Time and utilisation so far (updates and micro-batches are the caller's to fill).
+  RunStats stats() const {
+    RunStats r;
+    r.wall = elapsed();
     for (const auto& c : counters_) {
       r.busy.push_back(1e-9 * static_cast<double>(c.f_ns + c.b_ns + c.s_ns));
       r.wait.push_back(1e-9 * static_cast<double>(c.wait_ns));
@@ -342,6 +395,17 @@ class Run final : public RunMonitor {
       record(k, 'S', a.mb, version, t0, t1);
       advance(k, 0.0, t0, t1);
       if (hooks_.on_step) hooks_.on_step(k, w, *this);
+      if (k == 0 && !stop_decided_ && hooks_.pause_requested && hooks_.pause_requested()) {
+        // The first version no stage can have made yet: stage k is at most k versions ahead
+        // of stage 0 in async-1f1b (it needs stage 0's forwards), and no stage is ahead in the
+        // synchronous schedules.
+        stop_decided_ = true;
+        const int64_t soon = w.version() + (s_.asynchronous() ? s_.stages : 1);
+        int64_t cur = stop_version_.load();
+        while (soon < cur && !stop_version_.compare_exchange_weak(cur, soon)) {
+        }
+      }
+      if (w.version() >= stop_version_.load()) done_[ks] = 1;
     }
     ++next_[ks];
     return true;
@@ -353,8 +417,8 @@ class Run final : public RunMonitor {
       bool progressed = false, left = false;
       for (int k = 0; k < P; ++k) {
         const auto ks = static_cast<size_t>(k);
-        while (next_[ks] < s_.actions[ks].size() && execute(k, false)) progressed = true;
-        left |= next_[ks] < s_.actions[ks].size();
+        while (!done_[ks] && next_[ks] < s_.actions[ks].size() && execute(k, false)) progressed = true;
+        left |= !done_[ks] && next_[ks] < s_.actions[ks].size();
       }
       if (!left) return;
       if (!progressed) throw Error("engine: schedule deadlocked (validate_schedule should have caught it)");
@@ -371,7 +435,7 @@ class Run final : public RunMonitor {
         try {
           omp_set_num_threads(opt_.blas_threads);
           const auto ks = static_cast<size_t>(k);
-          while (next_[ks] < s_.actions[ks].size()) execute(k, true);
+          while (!done_[ks] && next_[ks] < s_.actions[ks].size()) execute(k, true);
         } catch (const Aborted&) {
         } catch (...) {
           {
@@ -395,6 +459,11 @@ class Run final : public RunMonitor {
   Shared sh_;
   std::vector<StageCounters> counters_;
   std::vector<size_t> next_;
+  std::vector<char> done_;          // per stage: reached the window's stop version
+  std::atomic<int64_t> stop_version_{INT64_MAX};
+  bool stop_decided_ = false;       // stage 0's thread only
+  std::optional<Clock::time_point> paused_since_;
+  double paused_ = 0;
   std::vector<int64_t> deposited_;  // the last update each stage deposited its norm for
   std::vector<double> sim_clock_;   // per stage, the modelled timeline (each written by its stage)
   std::vector<std::unique_ptr<Mailbox>> fwd_, bwd_;  // fwd_[k]: k -> k+1; bwd_[k]: k+1 -> k
@@ -409,6 +478,64 @@ RunStats run_schedule(const Schedule& s, const std::vector<StageWorker*>& worker
                       const EngineOptions& opt, const EngineHooks& hooks) {
   Run run(s, workers, opt, hooks);
   return run.go();
+}
+
+struct Flow::Impl {
+  Schedule schedule;
+  std::vector<StageWorker*> workers;
+  EngineOptions opt;
+  EngineHooks hooks;
+  int64_t base = 0;
+  std::unique_ptr<Run> run;
+};
+
+Flow::Flow(Schedule s, std::vector<StageWorker*> workers, const EngineOptions& opt, EngineHooks hooks,
+           int64_t base_version)
+    : impl_(std::make_unique<Impl>()) {
+  impl_->schedule = std::move(s);
+  impl_->workers = std::move(workers);
+  impl_->opt = opt;
+  impl_->hooks = std::move(hooks);
+  impl_->base = base_version;
+  impl_->run = std::make_unique<Run>(impl_->schedule, impl_->workers, impl_->opt, impl_->hooks);
+}
+
+Flow::~Flow() = default;
+
+int64_t Flow::run_until(int64_t version) {
+  impl_->run->window(version);
+  return impl_->run->min_version();
+}
+
+RunStats Flow::stats() const {
+  RunStats r = impl_->run->stats();
+  r.updates = impl_->run->min_version() - impl_->base;
+  r.microbatches = r.updates * impl_->schedule.microbatches;
+  return r;
+}
+
+std::vector<Flow::Message> Flow::messages() const {
+  std::vector<Message> out;
+  for (int k = 0; k + 1 < impl_->schedule.stages; ++k) {
+    for (auto& [mb, data] : impl_->run->forward_box(k).pending()) out.push_back({true, k, mb, std::move(data)});
+    for (auto& [mb, data] : impl_->run->backward_box(k).pending()) out.push_back({false, k, mb, std::move(data)});
+  }
+  return out;
+}
+
+void Flow::resume_at(int64_t version, const std::vector<Message>& msgs) {
+  impl_->run->start_after(version - impl_->base);
+  for (const Message& m : msgs) {
+    if (m.boundary < 0 || m.boundary + 1 >= impl_->schedule.stages)
+      throw Error("flow: a message across boundary " + std::to_string(m.boundary) + " of a " +
+                  std::to_string(impl_->schedule.stages) + "-stage pipeline");
+    Mailbox& box = m.forward ? impl_->run->forward_box(m.boundary) : impl_->run->backward_box(m.boundary);
+    if (m.data.size() != impl_->workers[static_cast<size_t>(m.boundary)]->boundary_floats())
+      throw Error("flow: a message of " + std::to_string(m.data.size()) + " floats across boundary " +
+                  std::to_string(m.boundary) + ", expected " +
+                  std::to_string(impl_->workers[static_cast<size_t>(m.boundary)]->boundary_floats()));
+    box.put(m.mb, m.data.data(), 0.0);
+  }
 }
 
 Schedule truncate_schedule(const Schedule& s, int64_t cut) {

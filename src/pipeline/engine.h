@@ -10,6 +10,7 @@
 #include <chrono>
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -60,6 +61,9 @@ struct EngineHooks {
   // Polled by stage 0 before each forward that would begin an update: true ends the run early at
   // a drain point (all in-flight micro-batches finish, no new ones start).
   std::function<bool()> stop_requested;
+  // Flow only: polled by stage 0 after each of its steps; true ends the current window early, at
+  // the first cut no stage has passed yet (no drain: micro-batches in flight stay in flight).
+  std::function<bool()> pause_requested;
 };
 
 struct RunStats {
@@ -75,6 +79,43 @@ struct RunStats {
 // and are rethrown here.
 RunStats run_schedule(const Schedule& s, const std::vector<StageWorker*>& workers,
                       const EngineOptions& opt, const EngineHooks& hooks);
+
+// A schedule run in windows. Each window ends at a consistent cut: every stage stops right after
+// the Step that made weight version N, with its micro-batches still in flight and the messages in
+// transit left in their mailboxes. Between windows the caller evaluates (each stage's current
+// weights are version N) or checkpoints (weights, stashes, in-flight slots, messages), and the
+// next window goes on as if nothing had happened: no drain, the same delays, the same bits.
+class Flow {
+ public:
+  // `base_version`: the weight version every stage had when the schedule began (its drained start).
+  Flow(Schedule s, std::vector<StageWorker*> workers, const EngineOptions& opt, EngineHooks hooks,
+       int64_t base_version);
+  ~Flow();
+  Flow(const Flow&) = delete;
+  Flow& operator=(const Flow&) = delete;
+
+  // Runs until every stage has made weight version `version` (or reached the end of its actions);
+  // hooks.pause_requested can end the window earlier. Returns the version all stages have made.
+  int64_t run_until(int64_t version);
+  RunStats stats() const;  // so far; `updates` counts from the base version
+
+  struct Message {
+    bool forward = true;  // activation (stage boundary -> boundary + 1) or gradient (back)
+    int boundary = 0;     // between stage `boundary` and `boundary + 1`
+    int64_t mb = 0;
+    std::vector<float> data;
+  };
+  // The messages in transit at the current cut.
+  std::vector<Message> messages() const;
+  // Continues a flow that was checkpointed at the cut after weight version `version`: every stage
+  // starts right after its Step that made it, with `msgs` in transit. The workers must already
+  // hold that version, their stashes and in-flight micro-batches.
+  void resume_at(int64_t version, const std::vector<Message>& msgs);
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
 
 // The schedule without the micro-batches from `cut` on (cut a multiple of microbatches): what
 // a run ended early at `cut` executed. For async-1f1b, truncate(async(P, N), n) == async(P, n).

@@ -53,6 +53,17 @@ Stage::Stage(const ModelConfig& cfg, int first_unit, int last_unit, int B, int s
   if (recompute) alloc(work_, false, true, false);
 }
 
+std::vector<std::pair<std::string, std::vector<float>*>> Stage::slot_state(int slot) {
+  Slot& s = slots_.at(static_cast<size_t>(slot));
+  std::vector<std::pair<std::string, std::vector<float>*>> out;
+  if (!s.input.empty()) out.emplace_back("input", &s.input);
+  for (size_t i = 0; i < s.outs.size(); ++i)
+    if (!s.outs[i].empty()) out.emplace_back("out." + std::to_string(i), &s.outs[i]);
+  for (size_t i = 0; i < s.acts.size(); ++i)
+    if (!s.acts[i].empty()) out.emplace_back("act." + std::to_string(i), &s.acts[i]);
+  return out;
+}
+
 size_t Stage::boundary_floats() const {
   return static_cast<size_t>(B_) * cfg_.block_size * cfg_.n_embd;
 }

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "model/config.h"
@@ -74,6 +75,12 @@ class Stage {
   void backward(int slot, const float* dout, const MicroBatch& mb, UnitContext& ctx,
                 const float* w = nullptr);
   const float* input_grad() const { return din_.data(); }
+
+  // What a slot holds between its forward and its backward (stage input, unit outputs, saved
+  // activations), by name ("input", "out.3", "act.2"); empty buffers are left out. A checkpoint
+  // taken with micro-batches in flight saves and restores these, so the backward finds exactly
+  // what its forward left.
+  std::vector<std::pair<std::string, std::vector<float>*>> slot_state(int slot);
 
   // Bytes of saved activations: all slots, plus the shared recompute buffers.
   size_t activation_bytes() const;

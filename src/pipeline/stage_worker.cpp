@@ -198,6 +198,39 @@ void StageWorker::step(double global_sumsq) {
   ++version_;
 }
 
+int StageWorker::free_slot() const {
+  const int s = slot_of(-1);
+  if (s < 0)
+    throw Error("stage " + std::to_string(opt_.index) + ": no free slot for an evaluation (internal error)");
+  return s;
+}
+
+std::vector<StageWorker::InFlightRecord> StageWorker::in_flight() const {
+  std::vector<InFlightRecord> out;
+  for (size_t i = 0; i < in_flight_.size(); ++i)
+    if (in_flight_[i].mb >= 0) out.push_back({static_cast<int>(i), in_flight_[i].mb, in_flight_[i].version});
+  return out;
+}
+
+std::vector<std::pair<int64_t, std::vector<float>*>> StageWorker::stashed_versions() {
+  std::vector<std::pair<int64_t, std::vector<float>*>> out;
+  for (auto& st : stash_)
+    if (st.version >= 0) out.emplace_back(st.version, &st.w);
+  return out;
+}
+
+void StageWorker::restore_in_flight(int slot, int64_t mb, int64_t version) {
+  if (slot < 0 || slot >= opt_.slots || in_flight_[static_cast<size_t>(slot)].mb >= 0 || slot_of(mb) >= 0)
+    throw Error("stage " + std::to_string(opt_.index) + ": cannot restore micro-batch " + std::to_string(mb) +
+                " into slot " + std::to_string(slot) + " (the checkpoint does not fit this pipeline)");
+  in_flight_[static_cast<size_t>(slot)] = {mb, version};
+}
+
+std::vector<float>& StageWorker::restore_stash(int64_t version) {
+  stash_.push_back(Stashed{version, std::vector<float>(stage_.num_params())});
+  return stash_.back().w;
+}
+
 std::vector<std::pair<std::string, std::vector<float>*>> StageWorker::correction_state() {
   if (delta_.empty()) return {};
   return {{cfg_.optim.spectrain ? "spectrain_update" : "pipemare_delta", &delta_}};

@@ -104,6 +104,34 @@ class StageWorker {
 
   StageMemory memory() const;
 
+  // A slot no micro-batch is in flight on: where an evaluation between two windows of a flow runs
+  // without touching what in-flight micro-batches saved. At every cut of the three schedules a
+  // stage has one (async-1f1b: tau_k in flight, tau_k + 1 slots; the others: none in flight).
+  int free_slot() const;
+
+  // The state of a flow paused at a cut, for checkpoints that do not drain the pipeline.
+  struct InFlightRecord {
+    int slot = 0;
+    int64_t mb = 0;       // id within the flow's schedule
+    int64_t version = 0;  // weight version its forward ran on
+  };
+  std::vector<InFlightRecord> in_flight() const;
+  // The stashed weight versions in-flight micro-batches still need (version, weights).
+  std::vector<std::pair<int64_t, std::vector<float>*>> stashed_versions();
+  std::vector<int32_t>& slot_tokens(int slot) { return x_.at(static_cast<size_t>(slot)); }
+  std::vector<int32_t>& slot_targets(int slot) { return y_.at(static_cast<size_t>(slot)); }
+  // Marks `slot` as holding micro-batch mb forwarded on `version` (its buffers are filled by the
+  // caller through stage().slot_state(slot)).
+  void restore_in_flight(int slot, int64_t mb, int64_t version);
+  // A stash buffer for `version`, to be filled by the caller.
+  std::vector<float>& restore_stash(int64_t version);
+  double loss_sum() const { return loss_sum_; }
+  int64_t loss_count() const { return loss_count_; }
+  void set_loss(double sum, int64_t count) {
+    loss_sum_ = sum;
+    loss_count_ = count;
+  }
+
  private:
   struct InFlight {
     int64_t mb = -1;

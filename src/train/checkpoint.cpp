@@ -96,8 +96,30 @@ void require_finite_weights(const std::string& dir, const Stage& stage) {
   }
 }
 
+namespace {
+
+std::string slot_prefix(size_t k, int slot) {
+  return "stage" + std::to_string(k) + ".slot" + std::to_string(slot) + ".";
+}
+std::string message_name(const Flow::Message& m) {
+  return std::string("message.") + (m.forward ? "forward" : "backward") + std::to_string(m.boundary) + ".mb" +
+         std::to_string(m.mb);
+}
+
+// Copies tensor `name` of exactly `numel` elements of `dtype` into dst.
+void copy_exact(const SafetensorsFile& f, const std::string& name, Dtype dtype, size_t numel, void* dst) {
+  const TensorInfo& t = f.info(name);
+  if (t.dtype != dtype || static_cast<size_t>(t.numel) != numel)
+    throw Error(f.path() + ": tensor '" + name + "' has " + std::to_string(t.numel) + " " +
+                std::string(dtype_name(t.dtype)) + " elements, expected " + std::to_string(numel) + " " +
+                std::string(dtype_name(dtype)));
+  if (t.byte_size) std::memcpy(dst, f.data(name), t.byte_size);
+}
+
+}  // namespace
+
 void save_checkpoint(const std::string& dir, const Config& cfg, const std::vector<StagePart>& parts,
-                     const TrainState& st) {
+                     const TrainState& st, const FlowState* flow) {
   if (parts.empty()) throw Error("save_checkpoint: no stages");
   const Optimizer* opt = parts[0].opt;
   const fs::path final_dir(dir);
@@ -141,6 +163,46 @@ void save_checkpoint(const std::string& dir, const Config& cfg, const std::vecto
       seal(o, "optimizer.safetensors");
     }
 
+    // A flow paused with micro-batches in flight or messages in transit.
+    nlohmann::json flow_json;
+    if (flow) {
+      SafetensorsWriter fw;
+      fw.set_metadata("format", "pipenag-flow");
+      fw.set_metadata("step", std::to_string(st.step));
+      nlohmann::json stages = nlohmann::json::array();
+      bool any = !flow->messages.empty();
+      for (size_t k = 0; k < parts.size(); ++k) {
+        StageWorker* w = parts[k].worker;
+        if (!w) throw Error("save_checkpoint: a flow without its stage workers");
+        nlohmann::json in = nlohmann::json::array(), stash = nlohmann::json::array();
+        for (const auto& r : w->in_flight()) {
+          any = true;
+          in.push_back({{"slot", r.slot}, {"mb", r.mb}, {"version", r.version}});
+          for (const auto& [name, buf] : w->stage().slot_state(r.slot))
+            fw.add(slot_prefix(k, r.slot) + name, Dtype::F32, {static_cast<int64_t>(buf->size())}, buf->data());
+          for (const char* which : {"tokens", "targets"}) {
+            const auto& v = std::string(which) == "tokens" ? w->slot_tokens(r.slot) : w->slot_targets(r.slot);
+            fw.add(slot_prefix(k, r.slot) + which, Dtype::I32, {static_cast<int64_t>(v.size())}, v.data());
+          }
+        }
+        for (const auto& [version, buf] : w->stashed_versions()) {
+          stash.push_back(version);
+          fw.add("stage" + std::to_string(k) + ".stash.v" + std::to_string(version), Dtype::F32,
+                 {static_cast<int64_t>(buf->size())}, buf->data());
+        }
+        stages.push_back({{"in_flight", in}, {"stash", stash}, {"loss_sum", w->loss_sum()},
+                          {"loss_count", w->loss_count()}});
+      }
+      nlohmann::json msgs = nlohmann::json::array();
+      for (const auto& m : flow->messages) {
+        msgs.push_back({{"forward", m.forward}, {"boundary", m.boundary}, {"mb", m.mb}});
+        fw.add(message_name(m), Dtype::F32, {static_cast<int64_t>(m.data.size())}, m.data.data());
+      }
+      flow_json = {{"base_step", flow->base_step}, {"base_position", flow->base_position},
+                   {"schedule_updates", flow->schedule_updates}, {"stages", stages}, {"messages", msgs}};
+      if (any) seal(fw, "flow.safetensors");
+    }
+
     nlohmann::json state;
     state["format"] = "pipenag-checkpoint";
     state["format_version"] = kFormatVersion;
@@ -148,6 +210,7 @@ void save_checkpoint(const std::string& dir, const Config& cfg, const std::vecto
     state["data_position"] = st.data_position;
     state["tokens"] = st.tokens;
     state["files"] = files;
+    if (!flow_json.is_null()) state["flow"] = flow_json;
     state["optimizer_step"] = opt ? opt->step_count() : 0;
     if (opt) {
       state["optimizer"] = opt->name();
@@ -229,6 +292,66 @@ SafetensorsFile open_checked(const std::string& dir, const std::string& name, co
   return f;
 }
 
+// Restores the in-flight state of a checkpoint taken mid-flow into the parts' workers.
+void load_flow(const std::string& dir, const nlohmann::json& state, const std::vector<StagePart>& parts,
+               FlowState* flow) {
+  *flow = FlowState{};
+  if (!state.contains("flow")) return;
+  const std::string where = dir + "/state.json: flow";
+  try {
+    const nlohmann::json& fj = state["flow"];
+    flow->base_step = fj.at("base_step").get<int64_t>();
+    flow->base_position = fj.at("base_position").get<int64_t>();
+    flow->schedule_updates = fj.at("schedule_updates").get<int64_t>();
+    const nlohmann::json& stages = fj.at("stages");
+    if (stages.size() != parts.size())
+      throw Error(where + " has " + std::to_string(stages.size()) + " stages, this pipeline " +
+                  std::to_string(parts.size()));
+    bool any = !fj.at("messages").empty();
+    for (const auto& sj : stages) any |= !sj.at("in_flight").empty();
+    for (size_t k = 0; k < parts.size(); ++k) {
+      StageWorker* w = parts[k].worker;
+      if (!w) throw Error("load_checkpoint: a flow without its stage workers");
+      w->set_loss(stages[k].at("loss_sum").get<double>(), stages[k].at("loss_count").get<int64_t>());
+    }
+    if (!any) return;
+    const SafetensorsFile f = open_checked(dir, "flow.safetensors", state);
+    for (size_t k = 0; k < parts.size(); ++k) {
+      StageWorker* w = parts[k].worker;
+      for (const auto& v : stages[k].at("stash")) {
+        const int64_t version = v.get<int64_t>();
+        std::vector<float>& buf = w->restore_stash(version);
+        copy_exact(f, "stage" + std::to_string(k) + ".stash.v" + std::to_string(version), Dtype::F32, buf.size(),
+                   buf.data());
+      }
+      for (const auto& r : stages[k].at("in_flight")) {
+        const int slot = r.at("slot").get<int>();
+        w->restore_in_flight(slot, r.at("mb").get<int64_t>(), r.at("version").get<int64_t>());
+        for (const auto& [name, buf] : w->stage().slot_state(slot))
+          copy_exact(f, slot_prefix(k, slot) + name, Dtype::F32, buf->size(), buf->data());
+        copy_exact(f, slot_prefix(k, slot) + "tokens", Dtype::I32, w->slot_tokens(slot).size(),
+                   w->slot_tokens(slot).data());
+        copy_exact(f, slot_prefix(k, slot) + "targets", Dtype::I32, w->slot_targets(slot).size(),
+                   w->slot_targets(slot).data());
+      }
+    }
+    for (const auto& mj : fj.at("messages")) {
+      Flow::Message m;
+      m.forward = mj.at("forward").get<bool>();
+      m.boundary = mj.at("boundary").get<int>();
+      m.mb = mj.at("mb").get<int64_t>();
+      if (m.boundary < 0 || m.boundary + 1 >= static_cast<int>(parts.size()))
+        throw Error(where + ": a message across boundary " + std::to_string(m.boundary));
+      m.data.resize(parts[static_cast<size_t>(m.boundary)].stage->boundary_floats());
+      copy_exact(f, message_name(m), Dtype::F32, m.data.size(), m.data.data());
+      flow->messages.push_back(std::move(m));
+    }
+    flow->mid_flow = true;
+  } catch (const nlohmann::json::exception& e) {
+    throw Error(where + " is damaged (" + std::string(e.what()) + ")");
+  }
+}
+
 }  // namespace
 
 Config read_checkpoint_config(const std::string& dir) {
@@ -251,7 +374,7 @@ std::vector<int> checkpoint_blocks_per_stage(const std::string& dir) {
 }
 
 void load_checkpoint(const std::string& dir, const Config& cfg, const std::vector<StagePart>& parts,
-                     TrainState* st) {
+                     TrainState* st, FlowState* flow) {
   const nlohmann::json j = read_state(dir);
   const Config there = read_checkpoint_config(dir);
   const std::string d = model_config_difference(there.model, cfg.model);
@@ -311,6 +434,7 @@ void load_checkpoint(const std::string& dir, const Config& cfg, const std::vecto
       }
     }
   }
+  if (flow) load_flow(dir, j, parts, flow);
   if (st) {
     try {
       st->step = j["step"].get<int64_t>();

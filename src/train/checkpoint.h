@@ -13,7 +13,9 @@
 
 #include "model/config.h"
 #include "optim/optimizer.h"
+#include "pipeline/engine.h"
 #include "pipeline/stage.h"
+#include "pipeline/stage_worker.h"
 
 namespace pipenag {
 
@@ -30,12 +32,27 @@ struct StagePart {
   Stage* stage;
   Optimizer* opt = nullptr;  // may be null (eval, sample: weights only)
   std::vector<std::pair<std::string, std::vector<float>*>> extra;  // correction state
+  StageWorker* worker = nullptr;  // training: its in-flight micro-batches and stashes (FlowState)
+};
+
+// A pipeline paused at a cut rather than drained: the schedule it runs (from its drained start)
+// and the messages in transit. With it, a checkpoint also stores each stage's in-flight
+// micro-batches (slot contents, tokens, forward version), the stashed weight versions they need
+// and the loss accumulated since the last step (flow.safetensors, state.json "flow"), so that a
+// resume continues the very same flow.
+struct FlowState {
+  int64_t base_step = 0;         // weight version at the schedule's start
+  int64_t base_position = 0;     // data position of the schedule's micro-batch 0
+  int64_t schedule_updates = 0;  // updates the schedule was made for
+  std::vector<Flow::Message> messages;
+  bool mid_flow = false;         // loaded: something was in flight or in transit
 };
 
 // Written at a drain point: no micro-batch in flight, every stage at the same update count.
 // state.json also records the stage layout (pipeline.stages and blocks per stage).
+// With `flow`, the parts' workers' in-flight state is saved too.
 void save_checkpoint(const std::string& dir, const Config& cfg, const std::vector<StagePart>& parts,
-                     const TrainState& st);
+                     const TrainState& st, const FlowState* flow = nullptr);
 
 
 // The config stored in a checkpoint (Error if the folder is not a readable checkpoint).
@@ -47,8 +64,11 @@ std::vector<int> checkpoint_blocks_per_stage(const std::string& dir);
 // Restores weights (and optimizer/state when given). Error when the checkpoint's architecture
 // differs from `cfg.model`, or on any damaged file.
 // With `st` (resuming training), the checkpoint's stage layout must equal cfg's.
+// With `flow` (resuming training, parts with workers), the in-flight state is restored into the
+// workers and `flow` receives the schedule identity and the messages (mid_flow false when the
+// checkpoint holds none: a drained pipeline).
 void load_checkpoint(const std::string& dir, const Config& cfg, const std::vector<StagePart>& parts,
-                     TrainState* st);
+                     TrainState* st, FlowState* flow = nullptr);
 // Weights only, into one stage holding the whole model (eval, sample).
 inline void load_weights(const std::string& dir, const Config& cfg, Stage& stage) {
   load_checkpoint(dir, cfg, {StagePart{&stage, nullptr, {}}}, nullptr);

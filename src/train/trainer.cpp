@@ -187,8 +187,9 @@ Data load_data(const Config& cfg, std::string* note = nullptr) {
   return d;
 }
 
-// Mean validation loss, the batch passed through the stages in order (no micro-batch in flight).
-double eval_loss(const std::vector<Stage*>& stages, const TokenLoader& val, int batches,
+// Mean validation loss, the batch passed through the stages in order, each stage on the given
+// slot (a free one: micro-batches in flight keep what they saved).
+double eval_loss(const std::vector<std::pair<Stage*, int>>& stages, const TokenLoader& val, int batches,
                  std::vector<int32_t>& x, std::vector<int32_t>& y) {
   double sum = 0.0;
   int64_t count = 0;
@@ -197,9 +198,9 @@ double eval_loss(const std::vector<Stage*>& stages, const TokenLoader& val, int 
     UnitContext ctx;
     ctx.training = false;
     const float* in = nullptr;
-    for (Stage* s : stages) {
-      s->forward(0, in, MicroBatch{x.data(), y.data()}, ctx);
-      if (!s->has_head()) in = s->output(0);
+    for (auto [s, slot] : stages) {
+      s->forward(slot, in, MicroBatch{x.data(), y.data()}, ctx);
+      if (!s->has_head()) in = s->output(slot);
     }
     sum += ctx.loss_sum;
     count += ctx.loss_count;
@@ -209,8 +210,8 @@ double eval_loss(const std::vector<Stage*>& stages, const TokenLoader& val, int 
 
 double eval_loss(const std::vector<StageWorker*>& workers, const TokenLoader& val, int batches,
                  std::vector<int32_t>& x, std::vector<int32_t>& y) {
-  std::vector<Stage*> stages;
-  for (auto* w : workers) stages.push_back(&w->stage());
+  std::vector<std::pair<Stage*, int>> stages;
+  for (auto* w : workers) stages.emplace_back(&w->stage(), w->free_slot());
   return eval_loss(stages, val, batches, x, y);
 }
 
@@ -330,6 +331,38 @@ Config resolve_partition(const Config& cfg, bool resume, int threads_per_stage, 
   return out;
 }
 
+namespace {
+
+// The whole run's schedule is held in memory (16 bytes an action).
+constexpr double kMaxRunActions = 4e7;
+
+// A checkpoint taken mid-flow fits this run's schedule when, at its cut, every stage has exactly
+// the micro-batches in flight that the schedule has in flight there (train.steps may have
+// changed since; the schedule's prefix is the same as long as it does not end earlier).
+void check_flow_fits(const Schedule& s, const std::vector<StageWorker*>& ws, int64_t updates,
+                     int64_t steps, const FlowState& fs) {
+  for (size_t k = 0; k < ws.size(); ++k) {
+    std::vector<int64_t> want;
+    int64_t n = 0;
+    for (const Action& a : s.actions[k]) {
+      if (n == updates) break;
+      if (a.op == Op::Forward) want.push_back(a.mb);
+      else if (a.op == Op::Backward) want.erase(std::find(want.begin(), want.end(), a.mb));
+      else ++n;
+    }
+    std::vector<int64_t> have;
+    for (const auto& r : ws[k]->in_flight()) have.push_back(r.mb);
+    std::sort(have.begin(), have.end());
+    std::sort(want.begin(), want.end());
+    if (have != want)
+      throw Error("the checkpoint paused with micro-batches in flight that train.steps = " + std::to_string(steps) +
+                  " would never finish (stage " + std::to_string(k) + "); resume with train.steps >= " +
+                  std::to_string(fs.base_step + fs.schedule_updates));
+  }
+}
+
+}  // namespace
+
 static std::string format_bytes(double b) {
   char buf[32];
   if (b >= 1 << 30) std::snprintf(buf, sizeof buf, "%.2f GiB", b / (1 << 30));
@@ -403,14 +436,15 @@ TrainResult train(const Config& user_cfg, const TrainOptions& opt) {
   size_t n_params = 0;
   for (auto& w : workers) {
     ws.push_back(w.get());
-    parts.push_back({&w->stage(), &w->optimizer(), w->correction_state()});
+    parts.push_back({&w->stage(), &w->optimizer(), w->correction_state(), w.get()});
     n_params += w->stage().num_params();
   }
   TrainState st;
+  FlowState flow_state;
   make_dirs(cfg.out.dir);
   const std::string ckpt_dir = cfg.out.dir + "/checkpoint";
   if (opt.resume) {
-    load_checkpoint(ckpt_dir, cfg, parts, &st);
+    load_checkpoint(ckpt_dir, cfg, parts, &st, &flow_state);
     for (auto& n : resume_config_changes(read_checkpoint_config(ckpt_dir), user_cfg)) notes.push_back(std::move(n));
   } else {
     for (auto* w : ws) w->stage().init_params(cfg.model.seed);
@@ -471,11 +505,69 @@ TrainResult train(const Config& user_cfg, const TrainOptions& opt) {
   auto write_trace = [&] {
     if (!opt.trace.empty()) write_file_atomic(opt.trace, trace_json(trace, P));
   };
+  // The run is one schedule from its drained start to train.steps, run as a Flow in windows that
+  // end at cuts (evaluations, checkpoints, a stop): the pipeline pauses there with its
+  // micro-batches in flight and never drains before the end, so neither evaluations nor
+  // checkpoints change what is computed. A resume continues the checkpoint's flow when it paused
+  // mid-flow, else starts a new schedule at the checkpoint's step.
+  const int64_t base_step = flow_state.mid_flow ? flow_state.base_step : st.step;
+  const int64_t base_pos = flow_state.mid_flow ? flow_state.base_position : st.data_position;
+  const int64_t sched_updates = cfg.train.steps - base_step;
+  if (static_cast<double>(sched_updates) * M * P > kMaxRunActions / 3)
+    throw Error("train.steps = " + std::to_string(cfg.train.steps) + " with " + std::to_string(P) + " stages and " +
+                std::to_string(M) + " micro-batches per update is too long a schedule for one run (at most " +
+                std::to_string(static_cast<long long>(kMaxRunActions)) + " actions)");
+  const Schedule sched = make_schedule(kind, P, M, sched_updates);
+  validate_schedule(sched);
+  if (flow_state.mid_flow) check_flow_fits(sched, ws, st.step - base_step, cfg.train.steps, flow_state);
+  for (auto* w : ws) {
+    w->clear_records();
+    w->set_batch_source([&data, base_pos](int64_t mb, int32_t* bx, int32_t* by) {
+      data.train->batch(base_pos + mb, bx, by);
+    });
+  }
+  EngineOptions eo;
+  eo.kind = engine;
+  eo.blas_threads = blas_threads;
+  eo.trace = !opt.trace.empty();
+  eo.global_clip = cfg.train.clip_global;
+  eo.epoch = run_start;
+  EngineHooks hooks;
+  auto last_step_time = std::chrono::steady_clock::now();
+  hooks.pause_requested = [&] { return signals.pending() != 0; };
+  hooks.on_step = [&](int k, StageWorker& w, const RunMonitor& mon) {
+    if (k != P - 1) return;
+    const int64_t step = w.version();
+    const double loss = nan_guard(w.last_update_loss(), step, cfg.train.clip);
+    const auto now = std::chrono::steady_clock::now();
+    const double dt = std::chrono::duration<double>(now - last_step_time).count();
+    last_step_time = now;
+    const double tps = dt > 0 ? static_cast<double>(tokens_per_update) / dt : 0.0;
+    const double util = mon.utilization();
+    res.last_loss = loss;
+    nlohmann::json j = {{"step", step}, {"tokens", step * tokens_per_update}, {"loss", loss}, {"lr", w.last_lr()}};
+    // With several stages each clips its own gradient; the last stage's norm alone would mislead.
+    if (P == 1) j["grad_norm"] = w.last_grad_norm();
+    j["tokens_per_s"] = tps;
+    j["utilization"] = util;
+    metrics.write(j);
+    progress.step(step, loss, tps, w.last_lr(), P > 1 ? util : -1.0);
+  };
+  Flow flow(sched, ws, eo, hooks, base_step);
+  if (flow_state.mid_flow) flow.resume_at(st.step, flow_state.messages);
+
   auto save = [&] {
-    save_checkpoint(ckpt_dir, cfg, parts, st);
+    FlowState fs;
+    fs.base_step = base_step;
+    fs.base_position = base_pos;
+    fs.schedule_updates = sched_updates;
+    fs.messages = flow.messages();
+    save_checkpoint(ckpt_dir, cfg, parts, st, &fs);
     res.checkpoint = ckpt_dir;
   };
   auto evaluate = [&] {
+    // Every stage holds weight version st.step now (the flow is paused at that cut); each
+    // evaluates on a free slot, so in-flight micro-batches keep what they saved.
     const double vl = eval_loss(ws, *data.val, cfg.train.eval_batches, x, y);
     res.val_loss = vl;
     res.val_ppl = std::exp(vl);
@@ -488,73 +580,49 @@ TrainResult train(const Config& user_cfg, const TrainOptions& opt) {
                   static_cast<long long>(st.step), vl, res.val_ppl);
     progress.message(buf);
   };
+  // Stage time and wall time since the last utilisation line (written with evaluations and at
+  // the end, so that a stopped and resumed run writes the same lines as an uninterrupted one).
+  RunStats since = flow.stats();
+  int64_t since_step = st.step;
+  auto write_utilization = [&](const RunStats& now) {
+    if (P == 1 || st.step == since_step) return;
+    const double wall = now.wall - since.wall;
+    nlohmann::json busy = nlohmann::json::array(), idle = nlohmann::json::array();
+    double total = 0;
+    for (int k = 0; k < P; ++k) {
+      const double b = now.busy[static_cast<size_t>(k)] - since.busy[static_cast<size_t>(k)];
+      busy.push_back(b);
+      idle.push_back(std::max(0.0, wall - b));
+      total += b;
+    }
+    const double util = engine == EngineKind::Threads ? (wall > 0 ? total / (P * wall) : 0.0) : now.utilization;
+    const int64_t updates = st.step - since_step;
+    metrics.write({{"step", st.step}, {"tokens", st.tokens}, {"utilization", util}, {"bubble", 1.0 - util},
+                   {"stage_busy_s", busy}, {"stage_idle_s", idle}, {"segment_updates", updates},
+                   {"segment_wall_s", wall},
+                   {"tokens_per_s", wall > 0 ? static_cast<double>(updates * tokens_per_update) / wall : 0.0},
+                   {"utilization_kind", engine == EngineKind::Threads ? "measured" : "modelled"}});
+    since = now;
+    since_step = st.step;
+  };
 
-  // Training runs in segments between drain points (evaluations, checkpoints, the end): within
-  // one, the schedule flows without a flush (async-1f1b) or flushes every update (gpipe, 1f1b).
   bool memory_reported = false;
   while (st.step < end) {
-    int64_t seg_end = end;
+    int64_t target = end;
     for (int64_t every : {cfg.train.eval_every, cfg.train.checkpoint_every})
-      if (every > 0) seg_end = std::min(seg_end, (st.step / every + 1) * every);
-    const Schedule sched = make_schedule(kind, P, M, seg_end - st.step);
-    validate_schedule(sched);
-    const int64_t base_pos = st.data_position, base_step = st.step, base_tokens = st.tokens;
-    for (auto* w : ws) {
-      w->clear_records();
-      w->set_batch_source([&data, base_pos](int64_t mb, int32_t* bx, int32_t* by) {
-        data.train->batch(base_pos + mb, bx, by);
-      });
-    }
-    EngineOptions eo;
-    eo.kind = engine;
-    eo.blas_threads = blas_threads;
-    eo.trace = !opt.trace.empty();
-    eo.global_clip = cfg.train.clip_global;
-    eo.epoch = run_start;
-    EngineHooks hooks;
-    auto last_step_time = std::chrono::steady_clock::now();
-    hooks.stop_requested = [&] { return signals.pending() != 0; };
-    hooks.on_step = [&](int k, StageWorker& w, const RunMonitor& mon) {
-      if (k != P - 1) return;
-      const int64_t step = w.version();
-      const double loss = nan_guard(w.last_update_loss(), step, cfg.train.clip);
-      const auto now = std::chrono::steady_clock::now();
-      const double dt = std::chrono::duration<double>(now - last_step_time).count();
-      last_step_time = now;
-      const double tps = dt > 0 ? static_cast<double>(tokens_per_update) / dt : 0.0;
-      const double util = mon.utilization();
-      res.last_loss = loss;
-      nlohmann::json j = {{"step", step}, {"tokens", base_tokens + (step - base_step) * tokens_per_update},
-                          {"loss", loss}, {"lr", w.last_lr()}};
-      // With several stages each clips its own gradient; the last stage's norm alone would mislead.
-      if (P == 1) j["grad_norm"] = w.last_grad_norm();
-      j["tokens_per_s"] = tps;
-      j["utilization"] = util;
-      metrics.write(j);
-      progress.step(step, loss, tps, w.last_lr(), P > 1 ? util : -1.0);
-    };
-    const RunStats rs = run_schedule(sched, ws, eo, hooks);
-    trace.insert(trace.end(), rs.events.begin(), rs.events.end());
-    st.step += rs.updates;
-    st.data_position += rs.microbatches;
-    st.tokens += rs.updates * tokens_per_update;
-    run_tokens += rs.updates * tokens_per_update;
-    last_util = rs.utilization;
-    if (P > 1 && rs.updates > 0) {
-      nlohmann::json busy = nlohmann::json::array(), idle = nlohmann::json::array();
-      for (int k = 0; k < P; ++k) {
-        busy.push_back(rs.busy[static_cast<size_t>(k)]);
-        idle.push_back(std::max(0.0, rs.wall - rs.busy[static_cast<size_t>(k)]));
-      }
-      metrics.write({{"step", st.step}, {"tokens", st.tokens}, {"utilization", rs.utilization},
-                     {"bubble", 1.0 - rs.utilization}, {"stage_busy_s", busy}, {"stage_idle_s", idle},
-                     {"segment_updates", rs.updates}, {"segment_wall_s", rs.wall},
-                     {"tokens_per_s", static_cast<double>(rs.updates * tokens_per_update) / rs.wall},
-                     {"utilization_kind", engine == EngineKind::Threads ? "measured" : "modelled"}});
-    }
+      if (every > 0) target = std::min(target, (st.step / every + 1) * every);
+    const int64_t reached = flow.run_until(target);
+    if (reached <= st.step) throw Error("internal error: the pipeline made no progress at step " + std::to_string(st.step));
+    const int64_t done = reached - st.step;
+    st.step = reached;
+    st.data_position = base_pos + (reached - base_step) * M;
+    st.tokens += done * tokens_per_update;
+    run_tokens += done * tokens_per_update;
+    const RunStats now = flow.stats();
+    last_util = now.utilization;
     if (!memory_reported) {
-      // After the first segment: the stashes hold what that segment needed (tau_k versions once
-      // a segment is at least 2 tau_k updates long).
+      // After the first window: the stashes hold what the flow needs (tau_k versions once it
+      // has run 2 tau_k updates).
       memory_reported = true;
       nlohmann::json mem = nlohmann::json::array();
       std::string line = "memory per stage (weights + versions + grads + optimizer + activations):";
@@ -569,19 +637,22 @@ TrainResult train(const Config& user_cfg, const TrainOptions& opt) {
       write_file_atomic(cfg.out.dir + "/memory.json", nlohmann::json{{"stages", mem}}.dump(2) + "\n");
       if (P > 1) progress.message(line);
     }
-
-    if (cfg.train.eval_every > 0 && st.step % cfg.train.eval_every == 0 && rs.updates > 0) evaluate();
+    const bool eval_due = cfg.train.eval_every > 0 && st.step % cfg.train.eval_every == 0;
+    if (eval_due || st.step == cfg.train.steps) write_utilization(now);
+    if (eval_due) evaluate();
     const bool periodic = cfg.train.checkpoint_every > 0 && st.step % cfg.train.checkpoint_every == 0;
     if (periodic && st.step < end) save();
     if (signals.pending()) {
       progress.finish();
       save();
+      trace = flow.stats().events;
       write_trace();
       throw Error("interrupted by signal " + std::to_string(signals.pending()) + " at step " +
                   std::to_string(st.step) + "; checkpoint saved to " + ckpt_dir +
                   " (continue with --resume)");
     }
   }
+  trace = flow.stats().events;
   progress.finish();
   // A finished run always ends with an evaluation; one stopped early (stop_at) leaves the
   // metrics exactly as an uninterrupted run has them at that step.
@@ -606,7 +677,7 @@ EvalResult evaluate_checkpoint(const std::string& checkpoint_dir, const Config& 
   std::vector<int32_t> x(stage.boundary_floats() / static_cast<size_t>(cfg.model.n_embd));
   std::vector<int32_t> y(x.size());
   EvalResult r;
-  r.loss = eval_loss(std::vector<Stage*>{&stage}, *data.val, batches, x, y);
+  r.loss = eval_loss({{&stage, 0}}, *data.val, batches, x, y);
   if (!std::isfinite(r.loss))
     throw Error(checkpoint_dir + ": the validation loss is " + std::to_string(r.loss) +
                 " (the weights are finite but the model overflows on this data)");
