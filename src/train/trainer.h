@@ -1,7 +1,7 @@
 // The training loop: data, the pipeline (stages, schedule, engine; a single stage is the P = 1
 // case), per-stage clipping and AdamW with the warm-up + cosine schedule, evaluation, metrics,
-// progress, trace and checkpoints. Training runs in segments between drain points (evaluations,
-// checkpoints, the end); checkpoints are only taken there.
+// progress, trace and checkpoints. A run is one schedule, run as a Flow that pauses at
+// consistent cuts for evaluations, checkpoints and signals without draining (docs/ARCHITECTURE.md).
 #pragma once
 #include <cstdint>
 #include <functional>
