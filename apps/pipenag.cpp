@@ -5,6 +5,7 @@
 #include <cstdlib>
 #include <stdexcept>
 #include <iostream>
+#include <cerrno>
 #include <climits>
 #include <csignal>
 #include <cmath>
@@ -291,11 +292,12 @@ int main(int argc, char** argv) {
       const EvalResult r = evaluate_checkpoint(eval_ckpt, cfg, eval_batches > 0 ? eval_batches : cfg.train.eval_batches);
       std::printf("val loss %.4f | val ppl %.2f | %lld tokens\n", r.loss, r.ppl, static_cast<long long>(r.tokens));
     } else if (*sample) {
-      // Streamed token by token: a reader that stops (`| head`) ends the sampling.
+      // Streamed token by token: a reader that stops (`| head`) ends the sampling quietly.
+      std::signal(SIGPIPE, SIG_IGN);
       sample_stream(sample_ckpt, sopt, [](const std::string& piece) {
         return std::fwrite(piece.data(), 1, piece.size(), stdout) == piece.size() && std::fflush(stdout) == 0;
       });
-      std::printf("\n");
+      if (std::printf("\n") < 0 && errno == EPIPE) return 0;
     } else if (*prepare) {
       const auto tok = load_tokenizer(prep_tok);
       const PrepareStats st = prepare_corpus(prep_input, *tok, prep_out, prep_val, prep_seed);

@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "data/token_file.h"
 #include "io/safetensors.h"
 #include "test_util.h"
 
@@ -123,6 +124,13 @@ TEST_F(Trust, TemporariesOfDeadRunsAreRemovedAndLiveOnesKept) {
   spit(out() / ("metrics.jsonl.tmp." + dead), "x");
   spit(out() / "data" / ("train.bin.tmp." + dead), "x");
   fs::create_directories(out() / ("checkpoint.tmp." + live));
+  // Names pipenag does not write, and pids no process can have, belong to the user.
+  spit(out() / ("notes.tmp." + dead), "mine");
+  fs::create_directories(out() / "results.tmp.0");
+  spit(out() / "metrics.jsonl.tmp.99999999", "x");
+  // A refused run removes nothing.
+  expect_error("train -q " + cfg(), "--resume");
+  EXPECT_TRUE(fs::exists(out() / ("checkpoint.tmp." + dead)));
   const RunResult r = run("train " + cfg() + " --resume");
   ASSERT_EQ(r.code, 0) << r.err;
   EXPECT_THAT(r.err, HasSubstr("removed 3 temporaries"));
@@ -130,6 +138,9 @@ TEST_F(Trust, TemporariesOfDeadRunsAreRemovedAndLiveOnesKept) {
   EXPECT_FALSE(fs::exists(out() / ("metrics.jsonl.tmp." + dead)));
   EXPECT_FALSE(fs::exists(out() / "data" / ("train.bin.tmp." + dead)));
   EXPECT_TRUE(fs::exists(out() / ("checkpoint.tmp." + live)));
+  EXPECT_TRUE(fs::exists(out() / ("notes.tmp." + dead)));
+  EXPECT_TRUE(fs::exists(out() / "results.tmp.0"));
+  EXPECT_TRUE(fs::exists(out() / "metrics.jsonl.tmp.99999999"));
 }
 
 TEST_F(Trust, SighupSavesACheckpointLikeSigint) {
@@ -167,6 +178,16 @@ TEST_F(Trust, ADamagedMetricsLineIsQuarantinedAndTheRestKept) {
   EXPECT_EQ(steps, 8);  // steps 3..6 after the bad line were kept, 7..8 added
 }
 
+// state.json with its checksum recomputed after an edit (XXH64 of the dump without "checksum").
+nlohmann::json reseal(nlohmann::json state) {
+  state.erase("checksum");
+  const std::string text = state.dump();
+  char buf[17];
+  std::snprintf(buf, sizeof buf, "%016llx", static_cast<unsigned long long>(xxhash64(text.data(), text.size())));
+  state["checksum"] = buf;
+  return state;
+}
+
 // Rewrites a checkpoint's model.safetensors with one weight set to `value`, keeping the file and
 // state.json consistent (step and checksum), as a run that diverged would have written it.
 void poison_weights(const fs::path& ck, float value) {
@@ -188,7 +209,7 @@ void poison_weights(const fs::path& ck, float value) {
   w.write((ck / "model.safetensors").string());
   auto state = nlohmann::json::parse(slurp(ck / "state.json"));
   state["files"]["model.safetensors"]["data_xxh64"] = sum;
-  spit(ck / "state.json", state.dump(2));
+  spit(ck / "state.json", reseal(state).dump(2));
 }
 
 TEST_F(Trust, CheckpointFilesAreVerifiedAndNonFiniteWeightsRefused) {
@@ -220,6 +241,15 @@ TEST_F(Trust, CheckpointFilesAreVerifiedAndNonFiniteWeightsRefused) {
   poison_weights(ck, std::numeric_limits<float>::infinity());
   expect_error("eval --checkpoint " + ck.string(), "non-finite");
   spit(ck / "model.safetensors", good);
+  // state.json edited by hand (a field no tensor checksum covers) or with a hostile record.
+  auto edited = nlohmann::json::parse(good_state);
+  edited["data_position"] = 3;
+  spit(ck / "state.json", edited.dump(2));
+  expect_error("train -q " + cfg() + " --resume --set train.steps=9", "edited");
+  edited = nlohmann::json::parse(good_state);
+  edited["files"]["model.safetensors"] = 5;
+  spit(ck / "state.json", reseal(edited).dump(2));
+  expect_error("eval --checkpoint " + ck.string(), "model.safetensors");
   spit(ck / "state.json", good_state);
   const RunResult ev = run("eval --checkpoint " + ck.string());
   EXPECT_EQ(ev.code, 0) << ev.err;
@@ -230,9 +260,21 @@ TEST_F(Trust, MixedOrStaleTokenFoldersAreNeverUsedSilently) {
   ASSERT_EQ(run("prepare --input " + (dir_ / "corpus").string() + " --out " + (dir_ / "a").string()).code, 0);
   ASSERT_EQ(run("prepare --input " + (dir_ / "corpus").string() + " --out " + (dir_ / "b").string() +
                 " --val-fraction 0.4").code, 0);
+  // A model trained on b samples with b's meta.json alone (the token files need not be there).
+  ASSERT_EQ(run("train -q " + cfg() + " --set data.dir=" + (dir_ / "b").string() + " --set out.dir=" +
+                (dir_ / "onb").string() + " --set train.steps=2").code, 0);
+  fs::rename(dir_ / "b" / "val.bin", dir_ / "val.bin.away");
+  fs::rename(dir_ / "b" / "train.bin", dir_ / "train.bin.away");
+  const RunResult smp = run("sample --tokens 3 --checkpoint " + (dir_ / "onb" / "checkpoint").string());
+  EXPECT_EQ(smp.code, 0) << smp.err;
+  fs::rename(dir_ / "val.bin.away", dir_ / "b" / "val.bin");
+  fs::rename(dir_ / "train.bin.away", dir_ / "b" / "train.bin");
   fs::copy_file(dir_ / "b" / "train.bin", dir_ / "a" / "train.bin", fs::copy_options::overwrite_existing);
   const std::string err = expect_error("train -q " + cfg() + " --set data.dir=" + (dir_ / "a").string(), "train.bin");
   EXPECT_THAT(err, HasSubstr("meta.json"));
+  // sample checks the pair too when the token files are there.
+  fs::copy_file(dir_ / "a" / "meta.json", dir_ / "b" / "meta.json", fs::copy_options::overwrite_existing);
+  expect_error("sample --tokens 3 --checkpoint " + (dir_ / "onb" / "checkpoint").string(), "meta.json");
   // The out.dir cache follows the corpus: an added document and an edited one are noticed.
   ASSERT_EQ(run("train -q " + cfg() + " --stop-at 1").code, 0);
   const size_t before = nlohmann::json::parse(slurp(out() / "data" / "meta.json"))["train"]["tokens"].get<size_t>() +
@@ -293,6 +335,7 @@ TEST_F(Trust, BoundsAndSmallGaps) {
   fs::create_symlink("a.txt", dir_ / "loop" / "b.txt");
   const std::string loop = expect_error("train -q " + cfg() + " --set data.input=" + (dir_ / "loop").string(), "symbolic links");
   EXPECT_THAT(loop, Not(HasSubstr("internal error")));
+  expect_error("train -q " + cfg() + " --set data.input=/dev/zero", "not a regular file");
   // Threads beyond the cores are capped with a note.
   const RunResult t = run("train " + cfg() + " --set train.threads=100000 --set train.steps=2 --set train.eval_every=0");
   ASSERT_EQ(t.code, 0) << t.err;
@@ -400,6 +443,23 @@ TEST_P(FlowExactness, EvaluationsCheckpointsAndStopsChangeNoBit) {
   train_into("twice", "--set train.eval_every=0 --set train.checkpoint_every=4 --stop-at 9 --resume");
   train_into("twice", "--set train.eval_every=0 --resume");
   expect_same_run("plain", "twice");
+  // Stopped in the last updates (micro-batches in flight that a longer schedule would keep in
+  // flight differently) and then extended: the old schedule runs to its end first, so the first
+  // 12 updates are those of the uninterrupted 12-update run.
+  train_into("extend", "--set train.eval_every=0 --stop-at 11");
+  const RunResult r = run("train " + cfg() + sets(16) + " --set out.dir=" + (dir_ / "extend").string() +
+                          " --set train.eval_every=0 --resume");
+  ASSERT_EQ(r.code, 0) << r.err;
+  if (GetParam().schedule == "async-1f1b") {
+    EXPECT_THAT(r.err, HasSubstr("finishing the checkpoint's schedule (to step 12)"));
+  }
+  std::vector<double> first12 = losses("extend");
+  ASSERT_EQ(first12.size(), 16u);
+  first12.resize(12);
+  // The lr schedule of the last updates depends on train.steps, so only the first 11 (done before
+  // the change) must agree exactly.
+  const std::vector<double> plain = losses("plain");
+  for (size_t i = 0; i < 11; ++i) EXPECT_EQ(first12[i], plain[i]) << i;
 }
 
 TEST_P(FlowExactness, SigintAtAnyUpdateThenResumeIsTheUninterruptedRun) {

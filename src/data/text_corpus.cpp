@@ -46,6 +46,8 @@ std::vector<Document> read_documents(const std::string& path) {
     for (const auto& f : files) docs.push_back({f.filename().string(), slurp(f)});
     if (docs.empty()) throw Error(path + ": folder has no .txt files");
   } else {
+    // A device or a pipe (/dev/zero, a FIFO) could be read forever.
+    if (!fs::is_regular_file(st)) throw Error(path + ": not a regular file or a folder");
     docs.push_back({fs::path(path).filename().string(), slurp(path)});
   }
   size_t total = 0;

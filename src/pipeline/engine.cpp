@@ -503,6 +503,10 @@ Flow::Flow(Schedule s, std::vector<StageWorker*> workers, const EngineOptions& o
 Flow::~Flow() = default;
 
 int64_t Flow::run_until(int64_t version) {
+  // Every stage stops after a Step that reaches `version`; one already past it would never stop.
+  if (version <= impl_->run->min_version())
+    throw Error("flow: run_until(" + std::to_string(version) + ") at version " +
+                std::to_string(impl_->run->min_version()) + " (internal error)");
   impl_->run->window(version);
   return impl_->run->min_version();
 }

@@ -12,6 +12,7 @@
 #include <memory>
 #include <nlohmann/json.hpp>
 
+#include "data/token_file.h"
 #include "io/atomic_file.h"
 #include "io/safetensors.h"
 #include "pipeline/partition.h"
@@ -33,6 +34,15 @@ void fsync_dir(const std::string& dir) {
     ::fsync(fd);
     ::close(fd);
   }
+}
+
+// XXH64 of state.json's content without its "checksum" field, as 16 hex digits.
+std::string state_checksum(nlohmann::json j) {
+  j.erase("checksum");
+  const std::string text = j.dump();
+  char buf[17];
+  std::snprintf(buf, sizeof buf, "%016llx", static_cast<unsigned long long>(xxhash64(text.data(), text.size())));
+  return buf;
 }
 
 // The correction whose state the checkpoint carries beside the optimizer's.
@@ -222,6 +232,7 @@ void save_checkpoint(const std::string& dir, const Config& cfg, const std::vecto
                          {"schedule", cfg.pipeline.schedule}};
     state["config"] = config_to_json(cfg);
   state["config_toml"] = config_to_toml(cfg);
+    state["checksum"] = state_checksum(state);
     write_file_atomic(tmp + "/state.json", state.dump(2) + "\n");
     write_file_atomic(tmp + "/config.toml", config_to_toml(cfg));
     fsync_dir(tmp);
@@ -262,13 +273,24 @@ nlohmann::json read_state(const std::string& dir) {
                 j.value("format_version", nlohmann::json(-1)).dump());
   for (const char* k : {"step", "data_position", "tokens", "config_toml"})
     if (!j.contains(k)) throw Error(path + ": missing field '" + std::string(k) + "'");
+  if (version >= 2) {
+    // Every field counts (step, data position, the flow's in-flight records, ...): an edit is
+    // refused instead of resuming a different run.
+    const std::string recorded = j.contains("checksum") && j["checksum"].is_string() ? j["checksum"].get<std::string>() : "";
+    const std::string actual = state_checksum(j);
+    if (recorded != actual)
+      throw Error(path + ": damaged or edited (checksum " + actual + ", recorded " +
+                  (recorded.empty() ? std::string("none") : recorded) + ")");
+    if (!j["step"].is_number_integer() || !j["data_position"].is_number_integer())
+      throw Error(path + ": step and data_position must be integers");
+  }
   return j;
 }
 
 // Opens one tensor file of a checkpoint and, from format version 2 on, checks that it belongs to
 // this checkpoint's step and that its tensor data is what was written (a flipped bit, a
 // truncated or swapped file fail with one line).
-SafetensorsFile open_checked(const std::string& dir, const std::string& name, const nlohmann::json& state) {
+SafetensorsFile open_checked(const std::string& dir, const std::string& name, const nlohmann::json& state) try {
   SafetensorsFile f = SafetensorsFile::open(dir + "/" + name);
   if (state.value("format_version", 1) < 2) return f;
   const std::string path = dir + "/" + name;
@@ -290,6 +312,8 @@ SafetensorsFile open_checked(const std::string& dir, const std::string& name, co
     throw Error(path + ": is not the file this checkpoint wrote (checksum " + actual + ", state.json records " +
                 (recorded.empty() ? std::string("none") : recorded) + ")");
   return f;
+} catch (const nlohmann::json::exception& e) {
+  throw Error(dir + "/state.json: bad record of " + name + " (" + std::string(e.what()) + ")");
 }
 
 // Restores the in-flight state of a checkpoint taken mid-flow into the parts' workers.

@@ -41,7 +41,12 @@ namespace fs = std::filesystem;
 namespace {
 
 std::atomic<int> g_stop_signal{0};
-extern "C" void on_stop_signal(int sig) { g_stop_signal.store(sig); }
+// The first signal asks for a checkpoint and a stop; a second one of the same kind ends the
+// process at once (the handler puts the default action back).
+extern "C" void on_stop_signal(int sig) {
+  g_stop_signal.store(sig);
+  std::signal(sig, SIG_DFL);
+}
 
 // Installs SIGINT/SIGTERM/SIGHUP handlers for the duration of a training run: the loop finishes
 // the step in progress, writes a checkpoint and stops, so nothing is lost on Ctrl-C, a kill or a
@@ -255,8 +260,12 @@ std::string prepared_data_dir(const Config& cfg, std::string* note) {
 
 std::string tokenizer_spec(const Config& cfg) {
   if (cfg.data.dir.empty()) return cfg.data.tokenizer;
-  const std::string bad = prepared_folder_mismatch(cfg.data.dir);
-  if (!bad.empty()) throw Error(bad + " (run `pipenag prepare` again)");
+  // Where the token files are present (they need not be, to sample), they must be the ones
+  // meta.json describes, or its tokenizer may not be theirs.
+  if (fs::exists(cfg.data.dir + "/train.bin") || fs::exists(cfg.data.dir + "/val.bin")) {
+    const std::string bad = prepared_folder_mismatch(cfg.data.dir);
+    if (!bad.empty()) throw Error(bad + " (run `pipenag prepare` again)");
+  }
   const nlohmann::json m = read_meta(cfg.data.dir);
   if (!m.contains("tokenizer") || !m["tokenizer"].is_string())
     throw Error(cfg.data.dir + "/meta.json: no tokenizer field");
@@ -334,13 +343,14 @@ Config resolve_partition(const Config& cfg, bool resume, int threads_per_stage, 
 namespace {
 
 // The whole run's schedule is held in memory (16 bytes an action).
-constexpr double kMaxRunActions = 4e7;
+constexpr double kMaxRunActions = 3e7;
+// Synchronous schedules flush every update; they run in legs of this many updates.
+constexpr int64_t kSyncLeg = 100000;
 
-// A checkpoint taken mid-flow fits this run's schedule when, at its cut, every stage has exactly
-// the micro-batches in flight that the schedule has in flight there (train.steps may have
-// changed since; the schedule's prefix is the same as long as it does not end earlier).
-void check_flow_fits(const Schedule& s, const std::vector<StageWorker*>& ws, int64_t updates,
-                     int64_t steps, const FlowState& fs) {
+// A checkpoint taken mid-flow fits a schedule when, at its cut (`updates` after the schedule's
+// start), every stage has exactly the micro-batches in flight that the schedule has in flight
+// there (train.steps may have changed; the prefix is the same unless the schedule ends earlier).
+bool flow_fits(const Schedule& s, const std::vector<StageWorker*>& ws, int64_t updates) {
   for (size_t k = 0; k < ws.size(); ++k) {
     std::vector<int64_t> want;
     int64_t n = 0;
@@ -350,15 +360,14 @@ void check_flow_fits(const Schedule& s, const std::vector<StageWorker*>& ws, int
       else if (a.op == Op::Backward) want.erase(std::find(want.begin(), want.end(), a.mb));
       else ++n;
     }
+    if (n < updates) return false;
     std::vector<int64_t> have;
     for (const auto& r : ws[k]->in_flight()) have.push_back(r.mb);
     std::sort(have.begin(), have.end());
     std::sort(want.begin(), want.end());
-    if (have != want)
-      throw Error("the checkpoint paused with micro-batches in flight that train.steps = " + std::to_string(steps) +
-                  " would never finish (stage " + std::to_string(k) + "); resume with train.steps >= " +
-                  std::to_string(fs.base_step + fs.schedule_updates));
+    if (have != want) return false;
   }
+  return true;
 }
 
 }  // namespace
@@ -375,18 +384,25 @@ namespace {
 // What an earlier run left in out.dir: continued (--resume), removed (--force), else refused.
 void claim_run_folder(const Config& cfg, const TrainOptions& opt, std::vector<std::string>& notes) {
   const std::string dir = cfg.out.dir.empty() ? "." : cfg.out.dir;
-  if (const int n = remove_stale_temporaries(dir); n > 0)
-    notes.push_back("removed " + std::to_string(n) + " temporar" + (n == 1 ? "y" : "ies") +
-                    " left in " + dir + " by killed runs");
+  // Decided before anything is removed: a refused run deletes nothing.
+  const auto clean = [&] {
+    if (const int n = remove_stale_temporaries(dir); n > 0)
+      notes.push_back("removed " + std::to_string(n) + " temporar" + (n == 1 ? "y" : "ies") +
+                      " left in " + dir + " by killed runs");
+  };
   const std::string ckpt = dir + "/checkpoint", metrics = dir + "/metrics.jsonl";
   if (opt.resume) {
     if (opt.force) throw Error("--resume and --force exclude each other");
+    clean();
     return;
   }
   std::error_code ec;
   const bool has_ckpt = fs::exists(ckpt, ec);
   const bool has_metrics = fs::exists(metrics, ec) && fs::file_size(metrics, ec) > 0;
-  if (!has_ckpt && !has_metrics) return;
+  if (!has_ckpt && !has_metrics) {
+    clean();
+    return;
+  }
   if (!opt.force) {
     std::string what = "an earlier run";
     try {
@@ -400,6 +416,7 @@ void claim_run_folder(const Config& cfg, const TrainOptions& opt, std::vector<st
   for (const char* f : {"checkpoint", "metrics.jsonl", "metrics.jsonl.corrupt", "memory.json"})
     fs::remove_all(dir + "/" + f, ec);
   notes.push_back("--force: removed the earlier run's checkpoint and metrics from " + dir);
+  clean();
 }
 
 }  // namespace
@@ -407,8 +424,6 @@ void claim_run_folder(const Config& cfg, const TrainOptions& opt, std::vector<st
 TrainResult train(const Config& user_cfg, const TrainOptions& opt) {
   // One owner per run folder for the whole run, data preparation included.
   RunFolderLock lock(user_cfg.out.dir.empty() ? "." : user_cfg.out.dir);
-  // From here on a signal ends the run with a checkpoint, and a closed pipe cannot end it.
-  StopSignals signals;
   std::vector<std::string> notes;
   claim_run_folder(user_cfg, opt, notes);
   std::string threads_note;
@@ -496,6 +511,9 @@ TrainResult train(const Config& user_cfg, const TrainOptions& opt) {
   }
 
   std::vector<int32_t> x(static_cast<size_t>(B) * T), y(static_cast<size_t>(B) * T);
+  // From here on a signal ends the run with a checkpoint (before, during data preparation and
+  // set-up, it ends the process as usual: there is nothing to save yet).
+  StopSignals signals;
   const int64_t end = opt.stop_at >= 0 ? std::min(opt.stop_at, cfg.train.steps) : cfg.train.steps;
   const auto run_start = std::chrono::steady_clock::now();
   int64_t run_tokens = 0;
@@ -505,27 +523,15 @@ TrainResult train(const Config& user_cfg, const TrainOptions& opt) {
   auto write_trace = [&] {
     if (!opt.trace.empty()) write_file_atomic(opt.trace, trace_json(trace, P));
   };
-  // The run is one schedule from its drained start to train.steps, run as a Flow in windows that
+  // A run is one schedule from its drained start to train.steps, run as a Flow in windows that
   // end at cuts (evaluations, checkpoints, a stop): the pipeline pauses there with its
   // micro-batches in flight and never drains before the end, so neither evaluations nor
   // checkpoints change what is computed. A resume continues the checkpoint's flow when it paused
-  // mid-flow, else starts a new schedule at the checkpoint's step.
-  const int64_t base_step = flow_state.mid_flow ? flow_state.base_step : st.step;
-  const int64_t base_pos = flow_state.mid_flow ? flow_state.base_position : st.data_position;
-  const int64_t sched_updates = cfg.train.steps - base_step;
-  if (static_cast<double>(sched_updates) * M * P > kMaxRunActions / 3)
-    throw Error("train.steps = " + std::to_string(cfg.train.steps) + " with " + std::to_string(P) + " stages and " +
-                std::to_string(M) + " micro-batches per update is too long a schedule for one run (at most " +
-                std::to_string(static_cast<long long>(kMaxRunActions)) + " actions)");
-  const Schedule sched = make_schedule(kind, P, M, sched_updates);
-  validate_schedule(sched);
-  if (flow_state.mid_flow) check_flow_fits(sched, ws, st.step - base_step, cfg.train.steps, flow_state);
-  for (auto* w : ws) {
-    w->clear_records();
-    w->set_batch_source([&data, base_pos](int64_t mb, int32_t* bx, int32_t* by) {
-      data.train->batch(base_pos + mb, bx, by);
-    });
-  }
+  // mid-flow, else starts a new schedule at the checkpoint's step. (Synchronous schedules flush
+  // every update, so they run in legs of at most kSyncLeg updates, which changes nothing.)
+  int64_t base_step = flow_state.mid_flow ? flow_state.base_step : st.step;
+  int64_t base_pos = flow_state.mid_flow ? flow_state.base_position : st.data_position;
+  bool resume_flow = flow_state.mid_flow;
   EngineOptions eo;
   eo.kind = engine;
   eo.blas_threads = blas_threads;
@@ -553,18 +559,6 @@ TrainResult train(const Config& user_cfg, const TrainOptions& opt) {
     metrics.write(j);
     progress.step(step, loss, tps, w.last_lr(), P > 1 ? util : -1.0);
   };
-  Flow flow(sched, ws, eo, hooks, base_step);
-  if (flow_state.mid_flow) flow.resume_at(st.step, flow_state.messages);
-
-  auto save = [&] {
-    FlowState fs;
-    fs.base_step = base_step;
-    fs.base_position = base_pos;
-    fs.schedule_updates = sched_updates;
-    fs.messages = flow.messages();
-    save_checkpoint(ckpt_dir, cfg, parts, st, &fs);
-    res.checkpoint = ckpt_dir;
-  };
   auto evaluate = [&] {
     // Every stage holds weight version st.step now (the flow is paused at that cut); each
     // evaluates on a free slot, so in-flight micro-batches keep what they saved.
@@ -582,7 +576,7 @@ TrainResult train(const Config& user_cfg, const TrainOptions& opt) {
   };
   // Stage time and wall time since the last utilisation line (written with evaluations and at
   // the end, so that a stopped and resumed run writes the same lines as an uninterrupted one).
-  RunStats since = flow.stats();
+  RunStats since;
   int64_t since_step = st.step;
   auto write_utilization = [&](const RunStats& now) {
     if (P == 1 || st.step == since_step) return;
@@ -607,58 +601,110 @@ TrainResult train(const Config& user_cfg, const TrainOptions& opt) {
   };
 
   bool memory_reported = false;
-  while (st.step < end) {
-    int64_t target = end;
-    for (int64_t every : {cfg.train.eval_every, cfg.train.checkpoint_every})
-      if (every > 0) target = std::min(target, (st.step / every + 1) * every);
-    const int64_t reached = flow.run_until(target);
-    if (reached <= st.step) throw Error("internal error: the pipeline made no progress at step " + std::to_string(st.step));
-    const int64_t done = reached - st.step;
-    st.step = reached;
-    st.data_position = base_pos + (reached - base_step) * M;
-    st.tokens += done * tokens_per_update;
-    run_tokens += done * tokens_per_update;
-    const RunStats now = flow.stats();
-    last_util = now.utilization;
-    if (!memory_reported) {
-      // After the first window: the stashes hold what the flow needs (tau_k versions once it
-      // has run 2 tau_k updates).
-      memory_reported = true;
-      nlohmann::json mem = nlohmann::json::array();
-      std::string line = "memory per stage (weights + versions + grads + optimizer + activations):";
-      for (auto* w : ws) {
-        const StageMemory m = w->memory();
-        mem.push_back({{"stage", w->options().index}, {"weights", m.weights},
-                       {"weight_versions", m.weight_versions}, {"gradients", m.gradients},
-                       {"optimizer", m.optimizer}, {"activations", m.activations},
-                       {"total", m.total()}});
-        line += " " + format_bytes(static_cast<double>(m.total()));
+  for (;;) {
+    int64_t sched_updates = cfg.train.steps - base_step;
+    if (kind != ScheduleKind::Async1F1B) sched_updates = std::min(sched_updates, kSyncLeg);
+    if (resume_flow && !flow_fits(make_schedule(kind, P, M, sched_updates), ws, st.step - base_step)) {
+      // This train.steps would change the checkpoint's schedule before its in-flight
+      // micro-batches finish: run that schedule to its end (its drain, as the run that wrote the
+      // checkpoint would have ended), then start a new one.
+      sched_updates = flow_state.schedule_updates;
+      if (!flow_fits(make_schedule(kind, P, M, sched_updates), ws, st.step - base_step))
+        throw Error(ckpt_dir + ": its in-flight micro-batches do not match its own schedule (damaged flow state)");
+      progress.message("note: finishing the checkpoint's schedule (to step " +
+                       std::to_string(base_step + sched_updates) + ") before the pipeline refills for train.steps = " +
+                       std::to_string(cfg.train.steps));
+    }
+    if (static_cast<double>(sched_updates) * M * P * 3 > kMaxRunActions)
+      throw Error("train.steps = " + std::to_string(cfg.train.steps) + " with " + std::to_string(P) +
+                  " stages is too long an async-1f1b schedule for one run (" +
+                  std::to_string(static_cast<long long>(3.0 * static_cast<double>(sched_updates) * P)) +
+                  " actions, at most " + std::to_string(static_cast<long long>(kMaxRunActions)) + ")");
+    const Schedule sched = make_schedule(kind, P, M, sched_updates);
+    validate_schedule(sched);
+    for (auto* w : ws) {
+      w->clear_records();
+      w->set_batch_source([&data, base_pos](int64_t mb, int32_t* bx, int32_t* by) {
+        data.train->batch(base_pos + mb, bx, by);
+      });
+    }
+    Flow flow(sched, ws, eo, hooks, base_step);
+    if (resume_flow) flow.resume_at(st.step, flow_state.messages);
+    resume_flow = false;
+    auto save = [&] {
+      FlowState fs;
+      fs.base_step = base_step;
+      fs.base_position = base_pos;
+      fs.schedule_updates = sched_updates;
+      fs.messages = flow.messages();
+      save_checkpoint(ckpt_dir, cfg, parts, st, &fs);
+      res.checkpoint = ckpt_dir;
+    };
+    since = flow.stats();
+    since_step = st.step;
+    const int64_t leg_end = std::min(end, base_step + sched_updates);
+    while (st.step < leg_end) {
+      int64_t target = leg_end;
+      for (int64_t every : {cfg.train.eval_every, cfg.train.checkpoint_every})
+        if (every > 0) target = std::min(target, (st.step / every + 1) * every);
+      const int64_t reached = flow.run_until(target);
+      if (reached <= st.step)
+        throw Error("internal error: the pipeline made no progress at step " + std::to_string(st.step));
+      const int64_t done = reached - st.step;
+      st.step = reached;
+      st.data_position = base_pos + (reached - base_step) * M;
+      st.tokens += done * tokens_per_update;
+      run_tokens += done * tokens_per_update;
+      const RunStats now = flow.stats();
+      last_util = now.utilization;
+      if (!memory_reported) {
+        // After the first window: the stashes hold what the flow needs (tau_k versions once it
+        // has run 2 tau_k updates).
+        memory_reported = true;
+        nlohmann::json mem = nlohmann::json::array();
+        std::string line = "memory per stage (weights + versions + grads + optimizer + activations):";
+        for (auto* w : ws) {
+          const StageMemory m = w->memory();
+          mem.push_back({{"stage", w->options().index}, {"weights", m.weights},
+                         {"weight_versions", m.weight_versions}, {"gradients", m.gradients},
+                         {"optimizer", m.optimizer}, {"activations", m.activations},
+                         {"total", m.total()}});
+          line += " " + format_bytes(static_cast<double>(m.total()));
+        }
+        write_file_atomic(cfg.out.dir + "/memory.json", nlohmann::json{{"stages", mem}}.dump(2) + "\n");
+        if (P > 1) progress.message(line);
       }
-      write_file_atomic(cfg.out.dir + "/memory.json", nlohmann::json{{"stages", mem}}.dump(2) + "\n");
-      if (P > 1) progress.message(line);
+      const bool eval_due = cfg.train.eval_every > 0 && st.step % cfg.train.eval_every == 0;
+      if (eval_due || st.step == cfg.train.steps) write_utilization(now);
+      if (eval_due) evaluate();
+      const bool periodic = cfg.train.checkpoint_every > 0 && st.step % cfg.train.checkpoint_every == 0;
+      if (periodic && st.step < end) save();
+      // (A signal that came too late to stop the run before its end lets it finish normally.)
+      if (signals.pending() && st.step < cfg.train.steps) {
+        progress.finish();
+        save();
+        const auto ev = flow.stats().events;
+        trace.insert(trace.end(), ev.begin(), ev.end());
+        write_trace();
+        throw Error("interrupted by signal " + std::to_string(signals.pending()) + " at step " +
+                    std::to_string(st.step) + "; checkpoint saved to " + ckpt_dir +
+                    " (continue with --resume)");
+      }
     }
-    const bool eval_due = cfg.train.eval_every > 0 && st.step % cfg.train.eval_every == 0;
-    if (eval_due || st.step == cfg.train.steps) write_utilization(now);
-    if (eval_due) evaluate();
-    const bool periodic = cfg.train.checkpoint_every > 0 && st.step % cfg.train.checkpoint_every == 0;
-    if (periodic && st.step < end) save();
-    if (signals.pending()) {
+    const auto ev = flow.stats().events;
+    trace.insert(trace.end(), ev.begin(), ev.end());
+    if (st.step >= end) {
       progress.finish();
+      // A finished run always ends with an evaluation; one stopped early (stop_at) leaves the
+      // metrics exactly as an uninterrupted run has them at that step.
+      if (cfg.train.eval_every > 0 && st.step == cfg.train.steps && last_eval_step != st.step) evaluate();
       save();
-      trace = flow.stats().events;
-      write_trace();
-      throw Error("interrupted by signal " + std::to_string(signals.pending()) + " at step " +
-                  std::to_string(st.step) + "; checkpoint saved to " + ckpt_dir +
-                  " (continue with --resume)");
+      break;
     }
+    // This leg's schedule ended (drained); the next one starts here.
+    base_step = st.step;
+    base_pos = st.data_position;
   }
-  trace = flow.stats().events;
-  progress.finish();
-  // A finished run always ends with an evaluation; one stopped early (stop_at) leaves the
-  // metrics exactly as an uninterrupted run has them at that step.
-  if (cfg.train.eval_every > 0 && st.step == cfg.train.steps && last_eval_step != st.step)
-    evaluate();
-  save();
   write_trace();
   const double el = std::chrono::duration<double>(std::chrono::steady_clock::now() - run_start).count();
   res.steps = st.step;
