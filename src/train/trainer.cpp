@@ -468,6 +468,9 @@ TrainResult train(const Config& user_cfg, const TrainOptions& opt) {
   if (opt.resume && st.step > cfg.train.steps)
     throw Error(ckpt_dir + " is at step " + std::to_string(st.step) + ", beyond train.steps = " +
                 std::to_string(cfg.train.steps) + " (raise train.steps to continue it)");
+  if (opt.resume && opt.stop_at >= 0 && opt.stop_at <= st.step && st.step < cfg.train.steps)
+    throw Error("--stop-at " + std::to_string(opt.stop_at) + " is not after the checkpoint's step " +
+                std::to_string(st.step));
   TrainResult res;
   if (opt.resume && st.step == cfg.train.steps) {
     // Finished already: nothing to train, evaluate or write.
