@@ -111,6 +111,70 @@ void check_kernel_environment() {
   }
 }
 
+// A non-negative finite number, or Error naming the option.
+double parse_number(const std::string& text, const std::string& what) {
+  try {
+    size_t pos = 0;
+    const double v = std::stod(text, &pos);
+    if (pos != text.size() || !std::isfinite(v) || v < 0) throw std::invalid_argument(text);
+    return v;
+  } catch (const std::exception&) {
+    throw Error(what + ": '" + text + "' is not a number >= 0");
+  }
+}
+
+std::vector<double> parse_numbers(const std::string& list, const std::string& what, double scale) {
+  std::vector<double> out;
+  for (const auto& item : split_commas(list)) out.push_back(scale * parse_number(item, what));
+  return out;
+}
+
+// `pipenag schedule --stage-costs ...`: the schedule's timeline with those costs and links, as
+// throughput and utilisation (what a deployment would get, before buying it).
+std::string predict_text(const Schedule& s, const std::string& costs, const std::string& latency,
+                         const std::string& bandwidth, double message_mb) {
+  const size_t P = static_cast<size_t>(s.stages);
+  std::vector<double> f, b, st;
+  for (const auto& item : split_commas(costs)) {
+    std::vector<std::string> parts;
+    size_t at = 0;
+    for (;;) {
+      const size_t c = item.find(':', at);
+      parts.push_back(item.substr(at, c == std::string::npos ? std::string::npos : c - at));
+      if (c == std::string::npos) break;
+      at = c + 1;
+    }
+    if (parts.size() < 2 || parts.size() > 3)
+      throw Error("--stage-costs: '" + item + "' is not forward:backward[:step] (milliseconds)");
+    f.push_back(1e-3 * parse_number(parts[0], "--stage-costs"));
+    b.push_back(1e-3 * parse_number(parts[1], "--stage-costs"));
+    st.push_back(parts.size() == 3 ? 1e-3 * parse_number(parts[2], "--stage-costs") : 0.0);
+  }
+  if (f.size() == 1) {
+    f.assign(P, f[0]);
+    b.assign(P, b[0]);
+    st.assign(P, st[0]);
+  }
+  if (f.size() != P)
+    throw Error("--stage-costs has " + std::to_string(f.size()) + " entries for " + std::to_string(P) + " stages");
+  if (!std::isfinite(message_mb) || message_mb < 0) throw Error("--message-mb must be a number >= 0");
+  Links links;
+  links.latency_s = parse_numbers(latency, "--link-latency-ms", 1e-3);
+  links.bandwidth_bytes_s = parse_numbers(bandwidth, "--link-bandwidth-mbps", 1e6 / 8);
+  links.message_bytes = message_mb * 1e6;
+  for (const auto* v : {&links.latency_s, &links.bandwidth_bytes_s})
+    if (v->size() != 1 && v->size() + 1 != P)
+      throw Error("a link option has " + std::to_string(v->size()) + " values for " + std::to_string(P - 1) +
+                  " stage boundaries (give one, or one per boundary)");
+  const Timeline t = simulate(s, f, b, st, links);
+  char buf[256];
+  std::snprintf(buf, sizeof buf,
+                "\nprediction: %lld updates in %.3f s = %.2f updates/s, %.2f micro-batches/s, utilisation %.1f%%\n",
+                static_cast<long long>(s.updates), t.makespan, t.makespan > 0 ? s.updates / t.makespan : 0.0,
+                t.makespan > 0 ? static_cast<double>(s.num_microbatches()) / t.makespan : 0.0, 100.0 * t.utilization());
+  return buf;
+}
+
 void print_bench_table(const std::vector<BenchResult>& rs, const BenchOptions& o) {
   std::printf("pipenag bench: %d layers, d=%d, %d heads, context %d, batch %d, %d threads, %d steps after %d warm-up\n",
               o.model.n_layer, o.model.n_embd, o.model.n_head, o.model.block_size, o.batch_size,
@@ -213,6 +277,12 @@ int main(int argc, char** argv) {
   sched_cmd->add_option("--microbatches", sched_mb, "Micro-batches per update (gpipe, 1f1b)")->capture_default_str();
   sched_cmd->add_option("--updates", sched_updates, "Updates to lay out (default: 2 for gpipe/1f1b, 2P for async-1f1b)");
   sched_cmd->add_option("--svg", sched_svg, "Also draw the timeline as an SVG picture here");
+  std::string sched_costs, sched_latency = "0", sched_bandwidth = "0";
+  double sched_message_mb = 0;
+  sched_cmd->add_option("--stage-costs", sched_costs, "Predict: forward:backward[:step] ms per micro-batch, one for all stages or one per stage, comma-separated (e.g. 120:240,130:260)");
+  sched_cmd->add_option("--link-latency-ms", sched_latency, "Predict: link latency in ms, one value or one per stage boundary")->capture_default_str();
+  sched_cmd->add_option("--link-bandwidth-mbps", sched_bandwidth, "Predict: link bandwidth in Mbit/s, one value or one per boundary (0: infinite)")->capture_default_str();
+  sched_cmd->add_option("--message-mb", sched_message_mb, "Predict: megabytes per message (one activation: 4 x batch x context x width bytes)")->capture_default_str();
 
   // trace
   auto* trace_cmd = app.add_subcommand("trace", "Draw a trace written by `train --trace` as an SVG timeline, with per-stage utilisation");
@@ -350,7 +420,11 @@ int main(int argc, char** argv) {
                     " stage-micro-batches)");
       const Schedule s = make_schedule(kind, sched_stages, sched_mb, updates);
       validate_schedule(s);
-      std::printf("%s", describe_schedule(s).c_str());
+      // Bad prediction options fail before anything is printed.
+      const std::string prediction =
+          sched_costs.empty() ? std::string()
+                              : predict_text(s, sched_costs, sched_latency, sched_bandwidth, sched_message_mb);
+      std::printf("%s%s", describe_schedule(s).c_str(), prediction.c_str());
       if (!sched_svg.empty()) {
         write_file_atomic(sched_svg, schedule_svg(s));
         std::printf("timeline picture: %s\n", sched_svg.c_str());

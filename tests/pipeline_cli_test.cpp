@@ -231,6 +231,22 @@ TEST_F(PipelineCli, ScheduleCommand) {
   expect_error("schedule --kind zigzag", "zigzag");
   expect_error("schedule --stages 0", "--stages");
   expect_error("schedule --kind gpipe --microbatches 0", "--microbatches");
+
+  // Predictions: gpipe, 2 stages, 1 micro-batch, forward 100 ms, backward 200 ms: 600 ms an
+  // update; a 50 ms link adds one forward and one backward crossing (100 ms an update).
+  RunResult p = run("schedule --kind gpipe --stages 2 --microbatches 1 --updates 10 --stage-costs 100:200");
+  ASSERT_EQ(p.code, 0) << p.err;
+  EXPECT_THAT(p.out, HasSubstr("prediction: 10 updates in 6.000 s"));
+  p = run("schedule --kind gpipe --stages 2 --microbatches 1 --updates 10 --stage-costs 100:200 --link-latency-ms 50");
+  EXPECT_THAT(p.out, HasSubstr("prediction: 10 updates in 7.000 s"));
+  // 1 MB at 8 Mbit/s takes 1 s a crossing.
+  p = run("schedule --kind gpipe --stages 2 --microbatches 1 --updates 10 --stage-costs 100:200 "
+          "--link-bandwidth-mbps 8 --message-mb 1");
+  EXPECT_THAT(p.out, HasSubstr("prediction: 10 updates in 26.000 s"));
+  expect_error("schedule --stages 3 --stage-costs 1:2,1:2", "2 entries for 3 stages");
+  expect_error("schedule --stages 3 --stage-costs 1:x", "--stage-costs");
+  expect_error("schedule --stages 3 --stage-costs 1:2 --link-latency-ms -5", "--link-latency-ms");
+  expect_error("schedule --stages 3 --stage-costs 1:2 --link-bandwidth-mbps 1,2,3", "stage boundaries");
 }
 
 // 6. Bad pipeline inputs: one line, naming the problem.

@@ -1058,3 +1058,28 @@ TEST(Partition, WorkersFollowTheBoundaries) {
 }
 
 }  // namespace
+
+// Links in the prediction: latency and serialised transfers delay a message's arrival, never the
+// sender; with none the timeline is the plain one.
+TEST(Simulate, LinksDelayArrivalsByLatencyAndSerialisedTransfers) {
+  for (ScheduleKind kind : {ScheduleKind::GPipe, ScheduleKind::OneFOneB, ScheduleKind::Async1F1B}) {
+    const Schedule s = make_schedule(kind, 3, kind == ScheduleKind::Async1F1B ? 1 : 2, 6);
+    const std::vector<double> f(3, 1.0), b(3, 2.0), st(3, 0.0);
+    EXPECT_EQ(simulate(s, f, b, st, Links{}).makespan, simulate(s, f, b, st).makespan);
+    const double plain = simulate(s, f, b, st).makespan;
+    Links slow;
+    slow.latency_s = {0.5};
+    EXPECT_GT(simulate(s, f, b, st, slow).makespan, plain);
+    Links narrow;
+    narrow.bandwidth_bytes_s = {10.0};
+    narrow.message_bytes = 5.0;  // half a time unit a crossing
+    EXPECT_GT(simulate(s, f, b, st, narrow).makespan, plain);
+  }
+  // gpipe, 2 stages, 1 micro-batch: each update crosses once forward and once backward.
+  const Schedule g = make_gpipe(2, 1, 4);
+  Links l;
+  l.latency_s = {0.25};
+  EXPECT_DOUBLE_EQ(simulate(g, {1, 1}, {2, 2}, {0, 0}, l).makespan, 4 * (6.0 + 0.5));
+  l.latency_s = {0.25, 0.5};
+  EXPECT_THAT(error_of([&] { simulate(g, {1, 1}, {2, 2}, {0, 0}, l); }), HasSubstr("2 values for 1 stage boundaries"));
+}

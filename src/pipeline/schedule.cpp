@@ -208,7 +208,32 @@ Timeline simulate(const Schedule& s, double forward_cost, double backward_cost, 
 
 Timeline simulate(const Schedule& s, const std::vector<double>& forward_cost,
                   const std::vector<double>& backward_cost, const std::vector<double>& step_cost) {
+  return simulate(s, forward_cost, backward_cost, step_cost, Links{});
+}
+
+Timeline simulate(const Schedule& s, const std::vector<double>& forward_cost,
+                  const std::vector<double>& backward_cost, const std::vector<double>& step_cost,
+                  const Links& links) {
   const int P = s.stages;
+  const auto per_boundary = [&](const std::vector<double>& v, const char* what) {
+    if (v.empty()) return std::vector<double>(static_cast<size_t>(std::max(P - 1, 0)), 0.0);
+    if (v.size() == 1) return std::vector<double>(static_cast<size_t>(std::max(P - 1, 0)), v[0]);
+    if (static_cast<int>(v.size()) != P - 1)
+      throw Error(std::string("simulate: ") + what + " has " + std::to_string(v.size()) + " values for " +
+                  std::to_string(P - 1) + " stage boundaries");
+    return v;
+  };
+  const std::vector<double> latency = per_boundary(links.latency_s, "link latency");
+  const std::vector<double> bandwidth = per_boundary(links.bandwidth_bytes_s, "link bandwidth");
+  std::vector<double> fwd_free(latency.size(), 0.0), bwd_free(latency.size(), 0.0);
+  // When a message sent at `sent` on boundary b arrives (the link serialises its messages in the
+  // order the sender sends them, which is the order the sender's actions run here).
+  const auto deliver = [&](std::vector<double>& link_free, size_t b, double sent) {
+    const double transfer = bandwidth[b] > 0 ? links.message_bytes / bandwidth[b] : 0.0;
+    const double done = std::max(sent, link_free[b]) + transfer;
+    link_free[b] = done;
+    return done + latency[b];
+  };
   const auto n = static_cast<size_t>(s.num_microbatches());
   // Completion time of each stage's forward / backward of each micro-batch (-1: not yet).
   std::vector<std::vector<double>> f_end(static_cast<size_t>(P), std::vector<double>(n, -1.0));
@@ -242,8 +267,9 @@ Timeline simulate(const Schedule& s, const std::vector<double>& forward_cost,
           cost = backward_cost[ks];
         }
         const double end = ready + cost;
-        if (a.op == Op::Forward) f_end[ks][i] = end;
-        if (a.op == Op::Backward) b_end[ks][i] = end;
+        // What the next stage waits for: the message's arrival, not the sender's end.
+        if (a.op == Op::Forward) f_end[ks][i] = k + 1 < P ? deliver(fwd_free, ks, end) : end;
+        if (a.op == Op::Backward) b_end[ks][i] = k > 0 ? deliver(bwd_free, ks - 1, end) : end;
         t.actions.push_back({k, a, ready, end});
         t.busy[ks] += cost;
         clock[ks] = end;

@@ -86,6 +86,18 @@ Timeline simulate(const Schedule& s, double forward_cost, double backward_cost, 
 Timeline simulate(const Schedule& s, const std::vector<double>& forward_cost,
                   const std::vector<double>& backward_cost, const std::vector<double>& step_cost);
 
+// Links between stages, for predictions: boundary k joins stage k and k + 1. A message of
+// `message_bytes` sent at time t on boundary k arrives at max(t, link free) + bytes / bandwidth +
+// latency, the link carrying one message at a time in each direction (bandwidth <= 0: infinite).
+struct Links {
+  std::vector<double> latency_s;          // per boundary (P - 1 values), or one value for all
+  std::vector<double> bandwidth_bytes_s;  // per boundary, or one value for all
+  double message_bytes = 0;               // one activation (or its gradient)
+};
+Timeline simulate(const Schedule& s, const std::vector<double>& forward_cost,
+                  const std::vector<double>& backward_cost, const std::vector<double>& step_cost,
+                  const Links& links);
+
 // Text rendering: the action lists, the delays and an ASCII timeline (F=1, B=2 time units).
 std::string describe_schedule(const Schedule& s);
 
