@@ -24,12 +24,6 @@ namespace fs = std::filesystem;
 namespace {
 
 
-std::string hex64(uint64_t v) {
-  char buf[17];
-  std::snprintf(buf, sizeof buf, "%016llx", static_cast<unsigned long long>(v));
-  return buf;
-}
-
 std::string fraction_text(double f) {
   std::ostringstream ss;
   ss << f;
@@ -61,26 +55,14 @@ struct InputFile {
   int64_t mtime_ns = 0;
 };
 
-// The files read_documents would read for `input`, with their sizes and mtimes.
+// The files read_documents reads for `input`, with their sizes and mtimes.
 std::vector<InputFile> input_files(const std::string& input) {
   std::vector<InputFile> out;
-  std::error_code ec;
-  const auto add = [&](const fs::path& p) {
+  for (const auto& path : corpus_files(input)) {
     struct stat sb {};
-    if (::stat(p.c_str(), &sb) != 0) throw Error(p.string() + ": cannot stat: " + std::strerror(errno));
-    out.push_back({p.filename().string(), p.string(), static_cast<uint64_t>(sb.st_size),
+    if (::stat(path.c_str(), &sb) != 0) throw Error(path + ": cannot stat: " + std::strerror(errno));
+    out.push_back({fs::path(path).filename().string(), path, static_cast<uint64_t>(sb.st_size),
                    static_cast<int64_t>(sb.st_mtim.tv_sec) * 1000000000 + sb.st_mtim.tv_nsec});
-  };
-  if (fs::is_directory(input, ec)) {
-    std::vector<fs::path> files;
-    for (const auto& e : fs::directory_iterator(input, ec)) {
-      std::error_code fec;
-      if (e.path().extension() == ".txt" && e.is_regular_file(fec)) files.push_back(e.path());
-    }
-    std::sort(files.begin(), files.end());
-    for (const auto& f : files) add(f);
-  } else {
-    add(input);
   }
   return out;
 }

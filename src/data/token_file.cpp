@@ -56,6 +56,12 @@ std::string errno_text(int err) { return std::strerror(err); }
 
 }  // namespace
 
+std::string hex64(uint64_t v) {
+  char buf[17];
+  std::snprintf(buf, sizeof buf, "%016llx", static_cast<unsigned long long>(v));
+  return buf;
+}
+
 uint64_t xxhash64(const void* data, size_t n, uint64_t seed) {
   const unsigned char* p = static_cast<const unsigned char*>(data);
   const unsigned char* const end = p + n;

@@ -28,6 +28,8 @@ inline constexpr size_t kTokenFileHeaderSize = 64;
 
 // XXH64 (the xxHash 64-bit algorithm, byte-for-byte the reference one) of n bytes.
 uint64_t xxhash64(const void* data, size_t n, uint64_t seed = 0);
+// A 64-bit checksum as the files record it: 16 lowercase hex digits.
+std::string hex64(uint64_t v);
 
 // Bytes per token for a vocabulary: 2 when every id fits in uint16 (vocab_size <= 65536), else 4.
 uint32_t token_dtype_for_vocab(int vocab_size);

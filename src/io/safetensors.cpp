@@ -187,9 +187,7 @@ std::string combine_checksums(const std::vector<std::pair<const void*, std::size
     const uint64_t h = xxhash64(p, n);
     for (int i = 0; i < 8; ++i) packed.push_back(static_cast<char>((h >> (8 * i)) & 0xff));
   }
-  char buf[17];
-  std::snprintf(buf, sizeof buf, "%016llx", static_cast<unsigned long long>(xxhash64(packed.data(), packed.size())));
-  return buf;
+  return hex64(xxhash64(packed.data(), packed.size()));
 }
 
 }  // namespace

@@ -40,9 +40,7 @@ void fsync_dir(const std::string& dir) {
 std::string state_checksum(nlohmann::json j) {
   j.erase("checksum");
   const std::string text = j.dump();
-  char buf[17];
-  std::snprintf(buf, sizeof buf, "%016llx", static_cast<unsigned long long>(xxhash64(text.data(), text.size())));
-  return buf;
+  return hex64(xxhash64(text.data(), text.size()));
 }
 
 // The correction whose state the checkpoint carries beside the optimizer's.
@@ -190,10 +188,9 @@ void save_checkpoint(const std::string& dir, const Config& cfg, const std::vecto
           in.push_back({{"slot", r.slot}, {"mb", r.mb}, {"version", r.version}});
           for (const auto& [name, buf] : w->stage().slot_state(r.slot))
             fw.add(slot_prefix(k, r.slot) + name, Dtype::F32, {static_cast<int64_t>(buf->size())}, buf->data());
-          for (const char* which : {"tokens", "targets"}) {
-            const auto& v = std::string(which) == "tokens" ? w->slot_tokens(r.slot) : w->slot_targets(r.slot);
-            fw.add(slot_prefix(k, r.slot) + which, Dtype::I32, {static_cast<int64_t>(v.size())}, v.data());
-          }
+          for (const auto& [which, v] : {std::pair{"tokens", &w->slot_tokens(r.slot)},
+                                         std::pair{"targets", &w->slot_targets(r.slot)}})
+            fw.add(slot_prefix(k, r.slot) + which, Dtype::I32, {static_cast<int64_t>(v->size())}, v->data());
         }
         for (const auto& [version, buf] : w->stashed_versions()) {
           stash.push_back(version);
