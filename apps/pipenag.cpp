@@ -26,6 +26,7 @@
 #include "model/units.h"
 #include "pipeline/schedule.h"
 #include "pipeline/timeline_svg.h"
+#include "comm/mpi.h"
 #include "train/bench.h"
 #include "train/checkpoint.h"
 #include "train/config_file.h"
@@ -200,7 +201,21 @@ void print_bench_table(const std::vector<BenchResult>& rs, const BenchOptions& o
 
 }  // namespace
 
+// A failure on one rank of an mpi run: the others may be waiting for it, so the job is aborted
+// (they stop at once instead of after pipeline.peer_timeout_s).
+int end_mpi_on_failure(int code) {
+  if (mpi::initialized()) {
+    std::fflush(stderr);
+    mpi::abort(code);
+  }
+  return code;
+}
+
 int main(int argc, char** argv) {
+  // An mpi run ends MPI on every normal return (after an abort nothing returns).
+  struct EndMpi {
+    ~EndMpi() { mpi::finalize(); }
+  } end_mpi;
   CLI::App app{"pipenag: pipeline-parallel GPT training on CPUs, with the Nesterov method for "
                "asynchronous pipelines"};
   app.require_subcommand(1);
@@ -349,6 +364,7 @@ int main(int argc, char** argv) {
                     cfg.out.dir.c_str(), static_cast<long long>(r.steps), r.checkpoint.c_str());
         return 0;
       }
+      if (mpi::rank() != 0) return 0;  // rank 0 reports for the whole pipeline
       std::printf("done: %lld steps | train loss %.4f", static_cast<long long>(r.steps), r.last_loss);
       if (r.val_loss >= 0) std::printf(" | val loss %.4f | val ppl %.2f", r.val_loss, r.val_ppl);
       std::printf(" | %.0f tok/s overall | checkpoint %s\n", r.tokens_per_s, r.checkpoint.c_str());
@@ -448,18 +464,23 @@ int main(int argc, char** argv) {
       const auto rs = run_bench(bopt);
       if (!bopt.json) print_bench_table(rs, bopt);
     }
+  } catch (const mpi::AgreedError& e) {
+    // Every rank stops with this line; each can end MPI on its own.
+    std::fprintf(stderr, "pipenag: %s\n", e.what());
+    mpi::finalize();
+    return 1;
   } catch (const Error& e) {
     std::fprintf(stderr, "pipenag: %s\n", e.what());
-    return 1;
+    return end_mpi_on_failure(1);
   } catch (const std::filesystem::filesystem_error& e) {
     std::fprintf(stderr, "pipenag: %s\n", e.what());
-    return 1;
+    return end_mpi_on_failure(1);
   } catch (const std::bad_alloc&) {
     std::fprintf(stderr, "pipenag: out of memory (try a smaller model or batch)\n");
-    return 1;
+    return end_mpi_on_failure(1);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "pipenag: internal error: %s\n", e.what());
-    return 2;
+    return end_mpi_on_failure(2);
   }
   return 0;
 }

@@ -69,9 +69,15 @@ struct PipelineConfig {
   Partition partition;              // blocks per stage (see pipeline/partition.h)
   std::string schedule = "gpipe";   // gpipe | 1f1b | async-1f1b
   int microbatches = 1;             // M micro-batches of train.batch_size per update (sync)
-  std::string engine = "sequential";  // sequential | threads
+  std::string engine = "sequential";  // sequential | threads | mpi
   bool stash = true;                // async: backward under the weights its forward used
   bool recompute = false;           // keep only stage inputs; recompute the forward in backward
+  // Emulated network and devices (timing only, never results): one value for every stage
+  // boundary (stage), or one per boundary (stage).
+  std::vector<double> link_latency_ms{0.0};
+  std::vector<double> link_bandwidth_mbps{0.0};  // megabits/s; 0: unlimited
+  std::vector<double> stage_slowdown{1.0};       // >= 1: compute as if this many times slower
+  double peer_timeout_s = 60;                    // mpi: a rank silent this long is lost
 };
 
 // The optimizer every stage runs, and the staleness corrections (PAPER.md sections 2, 3).

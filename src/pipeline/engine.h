@@ -2,7 +2,11 @@
 // never what it computes, so for the same schedule and workers every engine produces the same
 // bits:
 //   sequential  one thread runs every stage's next runnable action (reference, tests);
-//   threads     one thread per stage, in-process channels carrying (micro-batch id, tensor).
+//   threads     one thread per stage, in-process channels carrying (micro-batch id, tensor);
+//   mpi         one rank per stage (this process runs the stages whose workers it holds; the
+//               others' messages go through MPI, src/comm/mpi.h).
+// Link and device emulation (latency, bandwidth, slowdown) changes when things happen, never what
+// is computed.
 // The only things crossing a stage boundary are activations (forward) and their gradients
 // (backward), keyed by micro-batch id.
 #pragma once
@@ -20,9 +24,9 @@
 
 namespace pipenag {
 
-enum class EngineKind { Sequential, Threads };
+enum class EngineKind { Sequential, Threads, Mpi };
 std::string_view engine_name(EngineKind k);
-// "sequential" | "threads"; Error otherwise (naming "mpi" as not available in this build).
+// "sequential" | "threads" | "mpi"; Error otherwise.
 EngineKind parse_engine_kind(std::string_view name);
 
 // One timed interval of a stage, for the trace: compute (F, B, S) or waiting for a message (W).
@@ -42,6 +46,23 @@ struct EngineOptions {
   // exchange their sums of squares before each update; added in stage order, deterministic).
   bool global_clip = false;
   std::chrono::steady_clock::time_point epoch = std::chrono::steady_clock::now();
+  // Emulated links, per stage boundary (P - 1 values; empty: none): a message is delivered
+  // latency + bytes / bandwidth after it is sent, one message at a time per link and direction
+  // (as simulate() with Links models it). Bandwidth in bytes/s, 0: unlimited. The sequential
+  // engine applies them to its modelled timeline, the others in real time.
+  std::vector<double> link_latency_s, link_bandwidth_bytes_s;
+  // Per stage (empty: none): each action takes this many times its measured time.
+  std::vector<double> slowdown;
+  // mpi: a peer that sends nothing for this long is lost (Error naming it).
+  double peer_timeout_s = 60;
+};
+
+// After each update of the last stage: what progress and metrics need. Delivered in the process
+// that reports (the last stage's own for in-process engines, rank 0 for mpi).
+struct UpdateReport {
+  int64_t step = 0;  // the last stage's weight version after the update
+  double loss = 0, lr = 0, grad_norm = 0;
+  double utilization = 0;  // the RunMonitor's (mpi: the last stage's own)
 };
 
 // What the hooks can read while the run is going.
@@ -58,6 +79,7 @@ class RunMonitor {
 struct EngineHooks {
   // After every Step, on the stage's own thread (k = stage index).
   std::function<void(int k, StageWorker& w, const RunMonitor& m)> on_step;
+  std::function<void(const UpdateReport&)> on_report;
   // Polled by stage 0 before each forward that would begin an update: true ends the run early at
   // a drain point (all in-flight micro-batches finish, no new ones start).
   std::function<bool()> stop_requested;
@@ -88,6 +110,7 @@ RunStats run_schedule(const Schedule& s, const std::vector<StageWorker*>& worker
 class Flow {
  public:
   // `base_version`: the weight version every stage had when the schedule began (its drained start).
+  // mpi: `workers` has P entries, null for the stages other ranks run.
   Flow(Schedule s, std::vector<StageWorker*> workers, const EngineOptions& opt, EngineHooks hooks,
        int64_t base_version);
   ~Flow();
@@ -97,7 +120,11 @@ class Flow {
   // Runs until every stage has made weight version `version` (or reached the end of its actions);
   // hooks.pause_requested can end the window earlier. Returns the version all stages have made.
   int64_t run_until(int64_t version);
-  RunStats stats() const;  // so far; `updates` counts from the base version
+  // So far; `updates` counts from the base version. mpi: collective (every rank calls it at the
+  // same point), busy and wait of every stage.
+  RunStats stats() const;
+  // mpi: a rank that did not decide the pause itself learned of it from stage 0 in this window.
+  bool pause_received() const;
 
   struct Message {
     bool forward = true;  // activation (stage boundary -> boundary + 1) or gradient (back)
@@ -105,7 +132,7 @@ class Flow {
     int64_t mb = 0;
     std::vector<float> data;
   };
-  // The messages in transit at the current cut.
+  // The messages in transit at the current cut (mpi: those this process's stages receive).
   std::vector<Message> messages() const;
   // Continues a flow that was checkpointed at the cut after weight version `version`: every stage
   // starts right after its Step that made it, with `msgs` in transit. The workers must already

@@ -15,6 +15,7 @@
 #include "data/token_file.h"
 #include "io/atomic_file.h"
 #include "io/safetensors.h"
+#include "comm/mpi.h"
 #include "pipeline/partition.h"
 #include "train/config_file.h"
 #include "util/error.h"
@@ -126,11 +127,110 @@ void copy_exact(const SafetensorsFile& f, const std::string& name, Dtype dtype, 
 
 }  // namespace
 
+namespace {
+
+// Stage k's in-flight micro-batches (slot contents, tokens, targets), the stashed versions they
+// need and its loss accumulators: tensors into w, the record for state.json "flow" "stages".
+nlohmann::json add_flow_stage(SafetensorsWriter& fw, StageWorker* w, size_t k, bool* any) {
+  if (!w) throw Error("save_checkpoint: a flow without its stage workers");
+  nlohmann::json in = nlohmann::json::array(), stash = nlohmann::json::array();
+  for (const auto& r : w->in_flight()) {
+    *any = true;
+    in.push_back({{"slot", r.slot}, {"mb", r.mb}, {"version", r.version}});
+    for (const auto& [name, buf] : w->stage().slot_state(r.slot))
+      fw.add(slot_prefix(k, r.slot) + name, Dtype::F32, {static_cast<int64_t>(buf->size())}, buf->data());
+    for (const auto& [which, v] : {std::pair{"tokens", &w->slot_tokens(r.slot)},
+                                   std::pair{"targets", &w->slot_targets(r.slot)}})
+      fw.add(slot_prefix(k, r.slot) + which, Dtype::I32, {static_cast<int64_t>(v->size())}, v->data());
+  }
+  for (const auto& [version, buf] : w->stashed_versions()) {
+    stash.push_back(version);
+    fw.add("stage" + std::to_string(k) + ".stash.v" + std::to_string(version), Dtype::F32,
+           {static_cast<int64_t>(buf->size())}, buf->data());
+  }
+  return {{"in_flight", in}, {"stash", stash}, {"loss_sum", w->loss_sum()}, {"loss_count", w->loss_count()}};
+}
+
+nlohmann::json add_messages(SafetensorsWriter& fw, const std::vector<Flow::Message>& messages) {
+  nlohmann::json msgs = nlohmann::json::array();
+  for (const auto& m : messages) {
+    msgs.push_back({{"forward", m.forward}, {"boundary", m.boundary}, {"mb", m.mb}});
+    fw.add(message_name(m), Dtype::F32, {static_cast<int64_t>(m.data.size())}, m.data.data());
+  }
+  return msgs;
+}
+
+// Optimizer and correction state of one stage under "<state>.<name>"; its scalars.
+nlohmann::json add_optimizer(SafetensorsWriter& o, const StagePart& part) {
+  if (!part.opt) throw Error("save_checkpoint: a stage without its optimizer");
+  auto buffers = part.opt->state_tensors();
+  buffers.insert(buffers.end(), part.extra.begin(), part.extra.end());
+  for (const auto& [state, buf] : buffers)
+    for (const auto& p : part.stage->param_table())
+      o.add(state + "." + p.name, Dtype::F32, p.shape, buf->data() + p.offset);
+  nlohmann::json sc = nlohmann::json::object();
+  for (const auto& [name, v] : part.opt->state_scalars()) sc[name] = *v;
+  return sc;
+}
+
+// Seals a tensor file (its checksum into its metadata) and writes it into tmp; its record.
+nlohmann::json seal(SafetensorsWriter& w, const std::string& tmp, const std::string& name, int64_t step) {
+  const std::string sum = w.data_checksum();
+  w.set_metadata("data_xxh64", sum);
+  w.write(tmp + "/" + name);
+  return {{"step", step}, {"data_xxh64", sum}};
+}
+
+// The manifest: state.json (listing every file with its checksum) and config.toml, written last
+// into tmp; then tmp is swapped in for dir with one atomic rename.
+void finish_checkpoint(const std::string& dir, const std::string& tmp, const Config& cfg, const TrainState& st,
+                       const Optimizer* opt, int64_t optimizer_step, const nlohmann::json& files,
+                       const nlohmann::json& scalars, const nlohmann::json& flow_json) {
+  nlohmann::json state;
+  state["format"] = "pipenag-checkpoint";
+  state["format_version"] = kFormatVersion;
+  state["step"] = st.step;
+  state["data_position"] = st.data_position;
+  state["tokens"] = st.tokens;
+  state["files"] = files;
+  if (!flow_json.is_null()) state["flow"] = flow_json;
+  state["optimizer_step"] = optimizer_step;
+  if (opt) {
+    state["optimizer"] = opt->name();
+    state["optimizer_scalars"] = scalars;  // per stage
+  }
+  state["weight_correction"] = weight_correction(cfg);
+  state["pipeline"] = {{"stages", cfg.pipeline.stages},
+                       {"blocks_per_stage", blocks_per_stage(cfg.model, cfg.pipeline)},
+                       {"schedule", cfg.pipeline.schedule}};
+  state["config"] = config_to_json(cfg);
+  state["config_toml"] = config_to_toml(cfg);
+  state["checksum"] = state_checksum(state);
+  write_file_atomic(tmp + "/state.json", state.dump(2) + "\n");
+  write_file_atomic(tmp + "/config.toml", config_to_toml(cfg));
+  fsync_dir(tmp);
+
+  // Swap the new folder in with one atomic rename; the old one (now at tmp) is removed after.
+  std::error_code ec;
+  if (fs::exists(dir)) {
+    if (::renameat2(AT_FDCWD, tmp.c_str(), AT_FDCWD, dir.c_str(), RENAME_EXCHANGE) != 0)
+      throw Error(dir + ": cannot replace checkpoint: " + std::strerror(errno));
+    fs::remove_all(tmp, ec);
+  } else {
+    if (std::rename(tmp.c_str(), dir.c_str()) != 0)
+      throw Error(dir + ": cannot create checkpoint: " + std::strerror(errno));
+  }
+  const fs::path final_dir(dir);
+  const fs::path parent = final_dir.has_parent_path() ? final_dir.parent_path() : fs::path(".");
+  fsync_dir(parent.string());
+}
+
+}  // namespace
+
 void save_checkpoint(const std::string& dir, const Config& cfg, const std::vector<StagePart>& parts,
                      const TrainState& st, const FlowState* flow) {
   if (parts.empty()) throw Error("save_checkpoint: no stages");
   const Optimizer* opt = parts[0].opt;
-  const fs::path final_dir(dir);
   const std::string tmp = dir + ".tmp." + std::to_string(::getpid());
   std::error_code ec;
   fs::remove_all(tmp, ec);
@@ -143,13 +243,7 @@ void save_checkpoint(const std::string& dir, const Config& cfg, const std::vecto
       for (const auto& p : part.stage->param_table())
         model.add(p.name, Dtype::F32, p.shape, part.stage->params() + p.offset);
     nlohmann::json files = nlohmann::json::object();
-    const auto seal = [&](SafetensorsWriter& w, const std::string& name) {
-      const std::string sum = w.data_checksum();
-      w.set_metadata("data_xxh64", sum);
-      w.write(tmp + "/" + name);
-      files[name] = {{"step", st.step}, {"data_xxh64", sum}};
-    };
-    seal(model, "model.safetensors");
+    files["model.safetensors"] = seal(model, tmp, "model.safetensors", st.step);
 
     nlohmann::json scalars = nlohmann::json::array();
     if (opt) {
@@ -157,18 +251,8 @@ void save_checkpoint(const std::string& dir, const Config& cfg, const std::vecto
       o.set_metadata("optimizer", opt->name());
       o.set_metadata("step", std::to_string(st.step));
       o.set_metadata("optimizer_step", std::to_string(opt->step_count()));
-      for (const auto& part : parts) {
-        if (!part.opt) throw Error("save_checkpoint: a stage without its optimizer");
-        auto buffers = part.opt->state_tensors();
-        buffers.insert(buffers.end(), part.extra.begin(), part.extra.end());
-        for (const auto& [state, buf] : buffers)
-          for (const auto& p : part.stage->param_table())
-            o.add(state + "." + p.name, Dtype::F32, p.shape, buf->data() + p.offset);
-        nlohmann::json sc = nlohmann::json::object();
-        for (const auto& [name, v] : part.opt->state_scalars()) sc[name] = *v;
-        scalars.push_back(sc);
-      }
-      seal(o, "optimizer.safetensors");
+      for (const auto& part : parts) scalars.push_back(add_optimizer(o, part));
+      files["optimizer.safetensors"] = seal(o, tmp, "optimizer.safetensors", st.step);
     }
 
     // A flow paused with micro-batches in flight or messages in transit.
@@ -179,76 +263,69 @@ void save_checkpoint(const std::string& dir, const Config& cfg, const std::vecto
       fw.set_metadata("step", std::to_string(st.step));
       nlohmann::json stages = nlohmann::json::array();
       bool any = !flow->messages.empty();
-      for (size_t k = 0; k < parts.size(); ++k) {
-        StageWorker* w = parts[k].worker;
-        if (!w) throw Error("save_checkpoint: a flow without its stage workers");
-        nlohmann::json in = nlohmann::json::array(), stash = nlohmann::json::array();
-        for (const auto& r : w->in_flight()) {
-          any = true;
-          in.push_back({{"slot", r.slot}, {"mb", r.mb}, {"version", r.version}});
-          for (const auto& [name, buf] : w->stage().slot_state(r.slot))
-            fw.add(slot_prefix(k, r.slot) + name, Dtype::F32, {static_cast<int64_t>(buf->size())}, buf->data());
-          for (const auto& [which, v] : {std::pair{"tokens", &w->slot_tokens(r.slot)},
-                                         std::pair{"targets", &w->slot_targets(r.slot)}})
-            fw.add(slot_prefix(k, r.slot) + which, Dtype::I32, {static_cast<int64_t>(v->size())}, v->data());
-        }
-        for (const auto& [version, buf] : w->stashed_versions()) {
-          stash.push_back(version);
-          fw.add("stage" + std::to_string(k) + ".stash.v" + std::to_string(version), Dtype::F32,
-                 {static_cast<int64_t>(buf->size())}, buf->data());
-        }
-        stages.push_back({{"in_flight", in}, {"stash", stash}, {"loss_sum", w->loss_sum()},
-                          {"loss_count", w->loss_count()}});
-      }
-      nlohmann::json msgs = nlohmann::json::array();
-      for (const auto& m : flow->messages) {
-        msgs.push_back({{"forward", m.forward}, {"boundary", m.boundary}, {"mb", m.mb}});
-        fw.add(message_name(m), Dtype::F32, {static_cast<int64_t>(m.data.size())}, m.data.data());
-      }
+      for (size_t k = 0; k < parts.size(); ++k) stages.push_back(add_flow_stage(fw, parts[k].worker, k, &any));
+      const nlohmann::json msgs = add_messages(fw, flow->messages);
       flow_json = {{"base_step", flow->base_step}, {"base_position", flow->base_position},
                    {"schedule_updates", flow->schedule_updates}, {"stages", stages}, {"messages", msgs}};
-      if (any) seal(fw, "flow.safetensors");
+      if (any) files["flow.safetensors"] = seal(fw, tmp, "flow.safetensors", st.step);
     }
-
-    nlohmann::json state;
-    state["format"] = "pipenag-checkpoint";
-    state["format_version"] = kFormatVersion;
-    state["step"] = st.step;
-    state["data_position"] = st.data_position;
-    state["tokens"] = st.tokens;
-    state["files"] = files;
-    if (!flow_json.is_null()) state["flow"] = flow_json;
-    state["optimizer_step"] = opt ? opt->step_count() : 0;
-    if (opt) {
-      state["optimizer"] = opt->name();
-      state["optimizer_scalars"] = scalars;  // per stage
-    }
-    state["weight_correction"] = weight_correction(cfg);
-    state["pipeline"] = {{"stages", cfg.pipeline.stages},
-                         {"blocks_per_stage", blocks_per_stage(cfg.model, cfg.pipeline)},
-                         {"schedule", cfg.pipeline.schedule}};
-    state["config"] = config_to_json(cfg);
-  state["config_toml"] = config_to_toml(cfg);
-    state["checksum"] = state_checksum(state);
-    write_file_atomic(tmp + "/state.json", state.dump(2) + "\n");
-    write_file_atomic(tmp + "/config.toml", config_to_toml(cfg));
-    fsync_dir(tmp);
-
-    // Swap the new folder in with one atomic rename; the old one (now at tmp) is removed after.
-    if (fs::exists(final_dir)) {
-      if (::renameat2(AT_FDCWD, tmp.c_str(), AT_FDCWD, dir.c_str(), RENAME_EXCHANGE) != 0)
-        throw Error(dir + ": cannot replace checkpoint: " + std::strerror(errno));
-      fs::remove_all(tmp, ec);
-    } else {
-      if (std::rename(tmp.c_str(), dir.c_str()) != 0)
-        throw Error(dir + ": cannot create checkpoint: " + std::strerror(errno));
-    }
-    const fs::path parent = final_dir.has_parent_path() ? final_dir.parent_path() : fs::path(".");
-    fsync_dir(parent.string());
+    finish_checkpoint(dir, tmp, cfg, st, opt, opt ? opt->step_count() : 0, files, scalars, flow_json);
   } catch (...) {
     fs::remove_all(tmp, ec);
     throw;
   }
+}
+
+void save_checkpoint_sharded(const std::string& dir, const Config& cfg, const StagePart& part, const TrainState& st,
+                             const FlowState& flow, double timeout_s) {
+  const int k = mpi::rank(), P = mpi::size();
+  const std::string tmp = dir + ".tmp." + mpi::broadcast(std::to_string(::getpid()), 0, timeout_s, "checkpoint");
+  std::error_code ec;
+  mpi::agree([&] {
+    if (k != 0) return;
+    fs::remove_all(tmp, ec);
+    make_dirs(tmp);
+  }, timeout_s, "checkpoint: creating " + tmp);
+  nlohmann::json mine;
+  mpi::agree([&] {
+    if (!part.opt || !part.worker) throw Error("save_checkpoint: a stage without its optimizer or worker");
+    SafetensorsWriter w;
+    w.set_metadata("format", "pipenag-stage");
+    w.set_metadata("step", std::to_string(st.step));
+    w.set_metadata("stage", std::to_string(k));
+    for (const auto& p : part.stage->param_table()) w.add(p.name, Dtype::F32, p.shape, part.stage->params() + p.offset);
+    mine["scalars"] = add_optimizer(w, part);
+    bool any = false;
+    mine["flow_stage"] = add_flow_stage(w, part.worker, static_cast<size_t>(k), &any);
+    mine["messages"] = add_messages(w, flow.messages);
+    mine["optimizer_step"] = part.opt->step_count();
+    const std::string name = "stage" + std::to_string(k) + ".safetensors";
+    mine["file"] = name;
+    mine["record"] = seal(w, tmp, name, st.step);
+  }, timeout_s, "checkpoint: writing the stage files");
+  const std::vector<std::string> all = mpi::allgather(mine.dump(), timeout_s, "checkpoint: gathering the stage records");
+  mpi::agree([&] {
+    if (k != 0) return;
+    nlohmann::json files = nlohmann::json::object(), scalars = nlohmann::json::array(),
+                   stages = nlohmann::json::array(), msgs = nlohmann::json::array();
+    for (int r = 0; r < P; ++r) {
+      const nlohmann::json one = nlohmann::json::parse(all[static_cast<size_t>(r)]);
+      files[one.at("file").get<std::string>()] = one.at("record");
+      scalars.push_back(one.at("scalars"));
+      stages.push_back(one.at("flow_stage"));
+      for (const auto& m : one.at("messages")) msgs.push_back(m);
+    }
+    const nlohmann::json flow_json = {{"base_step", flow.base_step}, {"base_position", flow.base_position},
+                                      {"schedule_updates", flow.schedule_updates}, {"stages", stages},
+                                      {"messages", msgs}};
+    try {
+      finish_checkpoint(dir, tmp, cfg, st, part.opt, mine.at("optimizer_step").get<int64_t>(), files, scalars,
+                        flow_json);
+    } catch (...) {
+      fs::remove_all(tmp, ec);
+      throw;
+    }
+  }, timeout_s, "checkpoint: writing the manifest");
 }
 
 namespace {
@@ -313,9 +390,53 @@ SafetensorsFile open_checked(const std::string& dir, const std::string& name, co
   throw Error(dir + "/state.json: bad record of " + name + " (" + std::string(e.what()) + ")");
 }
 
+// The tensors of a checkpoint by global name, whichever of its files holds them: model /
+// optimizer / flow files (one process) or one file per stage (mpi). Files are opened and checked
+// when a tensor in them is first needed, so reading the weights does not read optimizer files.
+class Tensors {
+ public:
+  Tensors(const std::string& dir, const nlohmann::json& state) : dir_(dir), state_(state) {
+    if (state.contains("files") && state["files"].is_object()) {
+      for (const auto& [name, rec] : state["files"].items()) names_.push_back(name);
+    } else {  // format version 1
+      for (const char* n : {"model.safetensors", "optimizer.safetensors", "flow.safetensors"})
+        if (fs::exists(dir + "/" + n)) names_.push_back(n);
+    }
+    // model.safetensors first: weights-only readers (eval, sample) open nothing else.
+    std::stable_sort(names_.begin(), names_.end(), [](const std::string& a, const std::string& b) {
+      return (a == "model.safetensors") > (b == "model.safetensors");
+    });
+    files_.resize(names_.size());
+  }
+  const SafetensorsFile& find(const std::string& tensor) {
+    for (size_t i = 0; i < names_.size(); ++i) {
+      if (!files_[i]) {
+        const std::string path = dir_ + "/" + names_[i];
+        if (!fs::exists(path))
+          throw Error(dir_ + "/state.json names " + names_[i] + ", which is missing (an incomplete checkpoint)");
+        files_[i] = std::make_unique<SafetensorsFile>(open_checked(dir_, names_[i], state_));
+      }
+      if (files_[i]->has(tensor)) return *files_[i];
+    }
+    throw Error(dir_ + ": no tensor '" + tensor + "' in " + std::to_string(names_.size()) + " checkpoint file" +
+                (names_.size() == 1 ? "" : "s"));
+  }
+
+ private:
+  std::string dir_;
+  const nlohmann::json& state_;
+  std::vector<std::string> names_;
+  std::vector<std::unique_ptr<SafetensorsFile>> files_;
+};
+
+// The stage a part is (its worker's index; else its position).
+int part_index(const std::vector<StagePart>& parts, size_t i) {
+  return parts[i].worker ? parts[i].worker->options().index : static_cast<int>(i);
+}
+
 // Restores the in-flight state of a checkpoint taken mid-flow into the parts' workers.
 void load_flow(const std::string& dir, const nlohmann::json& state, const std::vector<StagePart>& parts,
-               FlowState* flow) {
+               FlowState* flow, Tensors& f) {
   *flow = FlowState{};
   if (!state.contains("flow")) return;
   const std::string where = dir + "/state.json: flow";
@@ -325,35 +446,40 @@ void load_flow(const std::string& dir, const nlohmann::json& state, const std::v
     flow->base_position = fj.at("base_position").get<int64_t>();
     flow->schedule_updates = fj.at("schedule_updates").get<int64_t>();
     const nlohmann::json& stages = fj.at("stages");
-    if (stages.size() != parts.size())
-      throw Error(where + " has " + std::to_string(stages.size()) + " stages, this pipeline " +
-                  std::to_string(parts.size()));
     bool any = !fj.at("messages").empty();
     for (const auto& sj : stages) any |= !sj.at("in_flight").empty();
-    for (size_t k = 0; k < parts.size(); ++k) {
-      StageWorker* w = parts[k].worker;
+    std::vector<char> here;
+    for (size_t i = 0; i < parts.size(); ++i) {
+      StageWorker* w = parts[i].worker;
       if (!w) throw Error("load_checkpoint: a flow without its stage workers");
+      const size_t k = static_cast<size_t>(part_index(parts, i));
+      if (k >= stages.size())
+        throw Error(where + " has " + std::to_string(stages.size()) + " stages, this pipeline more");
       w->set_loss(stages[k].at("loss_sum").get<double>(), stages[k].at("loss_count").get<int64_t>());
+      here.resize(std::max(here.size(), k + 1), 0);
+      here[k] = 1;
     }
+    const auto is_here = [&](int k) { return k >= 0 && static_cast<size_t>(k) < here.size() && here[static_cast<size_t>(k)]; };
     if (!any) return;
-    const SafetensorsFile f = open_checked(dir, "flow.safetensors", state);
-    for (size_t k = 0; k < parts.size(); ++k) {
-      StageWorker* w = parts[k].worker;
+    for (size_t i = 0; i < parts.size(); ++i) {
+      StageWorker* w = parts[i].worker;
+      const size_t k = static_cast<size_t>(part_index(parts, i));
       for (const auto& v : stages[k].at("stash")) {
         const int64_t version = v.get<int64_t>();
         std::vector<float>& buf = w->restore_stash(version);
-        copy_exact(f, "stage" + std::to_string(k) + ".stash.v" + std::to_string(version), Dtype::F32, buf.size(),
-                   buf.data());
+        const std::string name = "stage" + std::to_string(k) + ".stash.v" + std::to_string(version);
+        copy_exact(f.find(name), name, Dtype::F32, buf.size(), buf.data());
       }
       for (const auto& r : stages[k].at("in_flight")) {
         const int slot = r.at("slot").get<int>();
         w->restore_in_flight(slot, r.at("mb").get<int64_t>(), r.at("version").get<int64_t>());
         for (const auto& [name, buf] : w->stage().slot_state(slot))
-          copy_exact(f, slot_prefix(k, slot) + name, Dtype::F32, buf->size(), buf->data());
-        copy_exact(f, slot_prefix(k, slot) + "tokens", Dtype::I32, w->slot_tokens(slot).size(),
-                   w->slot_tokens(slot).data());
-        copy_exact(f, slot_prefix(k, slot) + "targets", Dtype::I32, w->slot_targets(slot).size(),
-                   w->slot_targets(slot).data());
+          copy_exact(f.find(slot_prefix(k, slot) + name), slot_prefix(k, slot) + name, Dtype::F32, buf->size(),
+                     buf->data());
+        for (const char* which : {"tokens", "targets"}) {
+          std::vector<int32_t>& v = which[0] == 't' && which[1] == 'o' ? w->slot_tokens(slot) : w->slot_targets(slot);
+          copy_exact(f.find(slot_prefix(k, slot) + which), slot_prefix(k, slot) + which, Dtype::I32, v.size(), v.data());
+        }
       }
     }
     for (const auto& mj : fj.at("messages")) {
@@ -361,10 +487,11 @@ void load_flow(const std::string& dir, const nlohmann::json& state, const std::v
       m.forward = mj.at("forward").get<bool>();
       m.boundary = mj.at("boundary").get<int>();
       m.mb = mj.at("mb").get<int64_t>();
-      if (m.boundary < 0 || m.boundary + 1 >= static_cast<int>(parts.size()))
+      if (m.boundary < 0 || m.boundary + 1 >= static_cast<int>(stages.size()))
         throw Error(where + ": a message across boundary " + std::to_string(m.boundary));
-      m.data.resize(parts[static_cast<size_t>(m.boundary)].stage->boundary_floats());
-      copy_exact(f, message_name(m), Dtype::F32, m.data.size(), m.data.data());
+      m.data.resize(parts[0].stage->boundary_floats());
+      if (!is_here(m.forward ? m.boundary + 1 : m.boundary)) continue;  // another rank receives it
+      copy_exact(f.find(message_name(m)), message_name(m), Dtype::F32, m.data.size(), m.data.data());
       flow->messages.push_back(std::move(m));
     }
     flow->mid_flow = true;
@@ -401,6 +528,13 @@ void load_checkpoint(const std::string& dir, const Config& cfg, const std::vecto
   const std::string d = model_config_difference(there.model, cfg.model);
   if (!d.empty())
     throw Error(dir + ": checkpoint is for a different architecture: " + d);
+  // Tensors go by global name, so any stage layout reads any checkpoint. Resuming under another
+  // layout (resharding) moves weights, optimizer and correction state by name; per-stage
+  // scalars come from the old stage that held the new stage's first block; in-flight
+  // micro-batches are dropped (the new pipeline refills from the checkpoint's data position).
+  const std::vector<int> there_blocks = checkpoint_blocks_per_stage(dir);
+  const std::vector<int> here_blocks = blocks_per_stage(cfg.model, cfg.pipeline);
+  const bool reshard = st && there_blocks != here_blocks;
   if (st) {
     // The correction's state (PipeMare's delta, SpecTrain's smoothed update) is in the files only
     // when the run had it; switching on resume would start it from nothing or drop it.
@@ -408,54 +542,70 @@ void load_checkpoint(const std::string& dir, const Config& cfg, const std::vecto
     if (there_corr != weight_correction(cfg))
       throw Error(dir + ": checkpoint was trained with weight correction " + there_corr +
                   ", this run uses " + weight_correction(cfg) + " (optim.pipemare, optim.spectrain)");
-    // Resuming needs the same cut: optimizer state, delays and stashes are per stage.
-    const std::vector<int> there_blocks = checkpoint_blocks_per_stage(dir);
-    const int there_stages = static_cast<int>(there_blocks.size());
-    const std::vector<int> here_blocks = blocks_per_stage(cfg.model, cfg.pipeline);
-    if (there_stages != cfg.pipeline.stages || there_blocks != here_blocks) {
-      const auto list = [](const std::vector<int>& v) {
-        std::string s = "[";
-        for (size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + std::to_string(v[i]);
-        return s + "]";
-      };
-      throw Error(dir + ": checkpoint has a different stage layout: " + std::to_string(there_stages) +
-                  " stages with blocks " + list(there_blocks) + " there, " +
-                  std::to_string(cfg.pipeline.stages) + " with " + list(here_blocks) +
-                  " here (resume with the same pipeline.stages and pipeline.partition)");
-    }
   }
-  const SafetensorsFile model = open_checked(dir, "model.safetensors", j);
+  Tensors files(dir, j);
   for (const auto& part : parts)
-    for (const auto& p : part.stage->param_table())
-      copy_f32(model, p.name, p.shape, part.stage->params() + p.offset);
-  std::unique_ptr<SafetensorsFile> o;
-  for (size_t k = 0; k < parts.size(); ++k) {
-    const StagePart& part = parts[k];
+    for (const auto& p : part.stage->param_table()) copy_f32(files.find(p.name), p.name, p.shape, part.stage->params() + p.offset);
+  // Units: 0 the embedding, 1..n_layer the blocks, then the head. The old stage holding unit u.
+  const auto old_stage_of_unit = [&](int u) {
+    int end = 1;
+    for (size_t k = 0; k < there_blocks.size(); ++k) {
+      end += there_blocks[k];
+      if (u < end) return static_cast<int>(k);
+    }
+    return static_cast<int>(there_blocks.size()) - 1;
+  };
+  bool checked_opt = false;
+  for (size_t i = 0; i < parts.size(); ++i) {
+    const StagePart& part = parts[i];
     if (!part.opt) continue;
-    if (!o) {
+    if (!checked_opt) {
       const std::string there_opt = j.value("optimizer", std::string("adamw"));
       if (there_opt != part.opt->name())
         throw Error(dir + ": checkpoint was trained with optimizer " + there_opt + ", this run uses " +
                     part.opt->name() + " (optim.name)");
-      o = std::make_unique<SafetensorsFile>(open_checked(dir, "optimizer.safetensors", j));
+      checked_opt = true;
     }
     auto buffers = part.opt->state_tensors();
     buffers.insert(buffers.end(), part.extra.begin(), part.extra.end());
     for (const auto& [state, buf] : buffers)
       for (const auto& p : part.stage->param_table())
-        copy_f32(*o, state + "." + p.name, p.shape, buf->data() + p.offset);
+        copy_f32(files.find(state + "." + p.name), state + "." + p.name, p.shape, buf->data() + p.offset);
     part.opt->set_step_count(j.value("optimizer_step", int64_t{0}));
     const auto scalars = part.opt->state_scalars();
     if (!scalars.empty()) {
+      const int k = part_index(parts, i);
+      int first_unit = k == 0 ? 0 : 1;
+      for (int b = 0; b < k; ++b) first_unit += here_blocks[static_cast<size_t>(b)];
+      const size_t old = static_cast<size_t>(reshard ? old_stage_of_unit(first_unit) : k);
       try {
-        const auto& sc = j.at("optimizer_scalars").at(k);
+        const auto& sc = j.at("optimizer_scalars").at(old);
         for (const auto& [name, v] : scalars) *v = sc.at(name).get<double>();
       } catch (const nlohmann::json::exception& e) {
         throw Error(dir + "/state.json: missing or bad optimizer_scalars (" + std::string(e.what()) + ")");
       }
     }
   }
-  if (flow) load_flow(dir, j, parts, flow);
+  if (flow) {
+    if (reshard) {
+      *flow = FlowState{};
+      const auto list = [](const std::vector<int>& v) {
+        std::string s = "[";
+        for (size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + std::to_string(v[i]);
+        return s + "]";
+      };
+      flow->reshard = std::to_string(there_blocks.size()) + " stages with blocks " + list(there_blocks) + " -> " +
+                      std::to_string(here_blocks.size()) + " with " + list(here_blocks);
+      if (j.contains("flow")) {
+        bool in_flight = !j["flow"].value("messages", nlohmann::json::array()).empty();
+        for (const auto& sj : j["flow"].value("stages", nlohmann::json::array()))
+          in_flight |= !sj.value("in_flight", nlohmann::json::array()).empty();
+        if (in_flight) flow->reshard += "; the checkpoint's in-flight micro-batches are recomputed by the new pipeline";
+      }
+    } else {
+      load_flow(dir, j, parts, flow, files);
+    }
+  }
   if (st) {
     try {
       st->step = j["step"].get<int64_t>();

@@ -46,6 +46,7 @@ struct FlowState {
   int64_t schedule_updates = 0;  // updates the schedule was made for
   std::vector<Flow::Message> messages;
   bool mid_flow = false;         // loaded: something was in flight or in transit
+  std::string reshard;           // loaded under another stage layout: what changed ("" if none)
 };
 
 // Written at a drain point: no micro-batch in flight, every stage at the same update count.
@@ -54,6 +55,13 @@ struct FlowState {
 void save_checkpoint(const std::string& dir, const Config& cfg, const std::vector<StagePart>& parts,
                      const TrainState& st, const FlowState* flow = nullptr);
 
+// mpi (collective: every rank calls it with its own stage): each rank writes
+// stage<k>.safetensors (weights, optimizer and correction state under their global names, its
+// in-flight state and the messages it receives) into the new folder; rank 0 then writes
+// state.json, the manifest listing every file with its checksum, last, and swaps the folder in.
+// out.dir must be one folder every rank sees (a shared filesystem across machines).
+void save_checkpoint_sharded(const std::string& dir, const Config& cfg, const StagePart& part, const TrainState& st,
+                             const FlowState& flow, double timeout_s);
 
 // The config stored in a checkpoint (Error if the folder is not a readable checkpoint).
 Config read_checkpoint_config(const std::string& dir);
@@ -63,7 +71,8 @@ std::vector<int> checkpoint_blocks_per_stage(const std::string& dir);
 
 // Restores weights (and optimizer/state when given). Error when the checkpoint's architecture
 // differs from `cfg.model`, or on any damaged file.
-// With `st` (resuming training), the checkpoint's stage layout must equal cfg's.
+// Any stage layout reads any checkpoint (tensors go by global name); resuming under another
+// layout than the checkpoint's (resharding) drops its flow, and `flow->reshard` says so.
 // With `flow` (resuming training, parts with workers), the in-flight state is restored into the
 // workers and `flow` receives the schedule identity and the messages (mid_flow false when the
 // checkpoint holds none: a drained pipeline).

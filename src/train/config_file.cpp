@@ -52,9 +52,13 @@ const std::vector<ConfigKey> kKeys = {
     PIPENAG_CONFIG_KEY(pipeline, partition, "blocks per stage, e.g. [1, 2, 2, 1]; \"auto\": cut by the measured cost of each unit (empty: even split, ends lighter)"),
     PIPENAG_CONFIG_KEY(pipeline, schedule, "\"gpipe\", \"1f1b\" or \"async-1f1b\""),
     PIPENAG_CONFIG_KEY(pipeline, microbatches, "micro-batches of train.batch_size per update (gpipe, 1f1b)"),
-    PIPENAG_CONFIG_KEY(pipeline, engine, "\"sequential\" (one thread) or \"threads\" (one thread per stage)"),
+    PIPENAG_CONFIG_KEY(pipeline, engine, "\"sequential\" (one thread), \"threads\" (one thread per stage) or \"mpi\" (one rank per stage, under mpirun)"),
     PIPENAG_CONFIG_KEY(pipeline, stash, "async-1f1b: backward under the weights its forward used"),
     PIPENAG_CONFIG_KEY(pipeline, recompute, "keep only stage inputs and recompute the forward in the backward"),
+    PIPENAG_CONFIG_KEY(pipeline, link_latency_ms, "emulated latency of each message, ms: one value or one per stage boundary (timing only)"),
+    PIPENAG_CONFIG_KEY(pipeline, link_bandwidth_mbps, "emulated link bandwidth, Mbit/s (0: unlimited): one value or one per boundary"),
+    PIPENAG_CONFIG_KEY(pipeline, stage_slowdown, "each stage computes as if this many times slower (>= 1): one value or one per stage"),
+    PIPENAG_CONFIG_KEY(pipeline, peer_timeout_s, "mpi: a rank that sends nothing for this long is lost; every rank stops"),
     PIPENAG_CONFIG_KEY(optim, name, "sgd | nag | adamw | nadamw | nag-delay"),
     PIPENAG_CONFIG_KEY(optim, beta1, "momentum (sgd, nag) or first-moment decay (adamw, nadamw)"),
     PIPENAG_CONFIG_KEY(optim, beta2, "second-moment decay (adamw, nadamw, adaptive nag-delay)"),
@@ -273,6 +277,22 @@ void assign(const ConfigKey& k, Config& cfg, const toml::node& node, std::string
             out.push_back(static_cast<int>(v->get()));
           }
           *p = Partition(std::move(out));
+        } else if constexpr (std::is_same_v<T, std::vector<double>>) {
+          std::vector<double> out;
+          const auto number = [&](const toml::node& e) {
+            if (const auto* f = e.as_floating_point()) return f->get();
+            if (const auto* i = e.as_integer()) return static_cast<double>(i->get());
+            throw Error(prefix + " must be a number or an array of numbers, found " + std::string(toml_type_name(e)));
+          };
+          if (const auto* arr = node.as_array()) {
+            for (const auto& e : *arr) out.push_back(number(e));
+            if (out.empty()) throw Error(prefix + " must not be an empty array");
+          } else {
+            out.push_back(number(node));
+          }
+          for (double x : out)
+            if (!std::isfinite(x)) throw Error(prefix + " must be finite, got " + toml_double(x));
+          *p = std::move(out);
         } else {
           static_assert(std::is_same_v<T, Activation>);
           const auto* v = node.as_string();
@@ -343,7 +363,12 @@ std::string value_text(const ConfigKey& k, const Config& cfg) {
         else if constexpr (std::is_same_v<T, bool>) return *p ? "true" : "false";
         else if constexpr (std::is_same_v<T, std::string>) return toml_quote(*p);
         else if constexpr (std::is_same_v<T, Activation>) return toml_quote(activation_name(*p));
-        else if constexpr (std::is_same_v<T, Partition>) {
+        else if constexpr (std::is_same_v<T, std::vector<double>>) {
+          if (p->size() == 1) return toml_double(p->front());
+          std::string s = "[";
+          for (size_t i = 0; i < p->size(); ++i) s += (i ? ", " : "") + toml_double((*p)[i]);
+          return s + "]";
+        } else if constexpr (std::is_same_v<T, Partition>) {
           if (p->automatic) return "\"auto\"";
           std::string s = "[";
           for (size_t i = 0; i < p->blocks.size(); ++i)
@@ -419,6 +444,7 @@ std::string_view ConfigKey::type_name() const {
         else if constexpr (std::is_same_v<T, std::string>) return "string";
         else if constexpr (std::is_same_v<T, Activation>) return "relu|gelu";
         else if constexpr (std::is_same_v<T, Partition>) return "integer array or \"auto\"";
+        else if constexpr (std::is_same_v<T, std::vector<double>>) return "number or array";
         else return "integer";
       },
       field(probe));
@@ -537,10 +563,21 @@ void validate(const Config& cfg) {
   if (p.schedule == "async-1f1b" && p.microbatches != 1)
     invalid("pipeline.microbatches must be 1 with async-1f1b (every micro-batch is an update), got " +
             std::to_string(p.microbatches));
-  if (p.engine == "mpi")
-    invalid("pipeline.engine \"mpi\" is not available in this build (use \"sequential\" or \"threads\")");
-  if (p.engine != "sequential" && p.engine != "threads")
-    invalid("pipeline.engine must be \"sequential\" or \"threads\", got \"" + one_line(p.engine) + "\"");
+  if (p.engine != "sequential" && p.engine != "threads" && p.engine != "mpi")
+    invalid("pipeline.engine must be \"sequential\", \"threads\" or \"mpi\", got \"" + one_line(p.engine) + "\"");
+  const auto per = [&](const char* key, const std::vector<double>& v, int n, const char* what, double min,
+                       const char* why) {
+    if (v.size() != 1 && static_cast<int>(v.size()) != n)
+      invalid(std::string(key) + " has " + std::to_string(v.size()) + " values: give one, or one per " + what +
+              " (" + std::to_string(n) + " with pipeline.stages = " + std::to_string(p.stages) + ")");
+    for (double x : v)
+      if (x < min) invalid(std::string(key) + " must be >= " + format_double(min) + ", got " + format_double(x) + why);
+  };
+  per("pipeline.link_latency_ms", p.link_latency_ms, p.stages - 1, "stage boundary", 0.0, "");
+  per("pipeline.link_bandwidth_mbps", p.link_bandwidth_mbps, p.stages - 1, "stage boundary", 0.0, " (0: unlimited)");
+  per("pipeline.stage_slowdown", p.stage_slowdown, p.stages, "stage", 1.0,
+      " (a stage can be emulated slower, not faster)");
+  if (!(p.peer_timeout_s > 0)) invalid("pipeline.peer_timeout_s must be > 0, got " + format_double(p.peer_timeout_s));
   if (m.tie_embeddings && p.stages > 1)
     invalid("model.tie_embeddings needs the embedding and the head on one stage (pipeline.stages = 1)");
 
@@ -620,6 +657,9 @@ nlohmann::json config_to_json(const Config& cfg) {
           else if constexpr (std::is_same_v<T, Partition>) {
             if (p->automatic) slot = "auto";
             else slot = p->blocks;
+          } else if constexpr (std::is_same_v<T, std::vector<double>>) {
+            if (p->size() == 1) slot = p->front();
+            else slot = *p;
           } else slot = *p;
         },
         field_of(k, cfg));

@@ -16,7 +16,7 @@ namespace pipenag {
 // Points at one field inside a Config; the alternative held decides how the value is parsed.
 using ConfigField =
     std::variant<int*, int64_t*, uint64_t*, double*, bool*, std::string*, Activation*,
-                 Partition*>;
+                 Partition*, std::vector<double>*>;
 
 struct ConfigKey {
   std::string_view section;      // "model"

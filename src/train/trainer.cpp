@@ -3,6 +3,7 @@
 #include <omp.h>
 
 #include <array>
+#include <optional>
 #include <atomic>
 #include <cerrno>
 #include <cstring>
@@ -16,6 +17,7 @@
 #include <sstream>
 #include <thread>
 
+#include "comm/mpi.h"
 #include "data/loader.h"
 #include "data/prepare.h"
 #include "data/token_file.h"
@@ -31,6 +33,7 @@
 #include "pipeline/stage.h"
 #include "pipeline/stage_worker.h"
 #include "train/checkpoint.h"
+#include "train/config_file.h"
 #include "train/progress.h"
 #include "train/run_folder.h"
 #include "util/error.h"
@@ -220,6 +223,63 @@ double eval_loss(const std::vector<StageWorker*>& workers, const TokenLoader& va
   return eval_loss(stages, val, batches, x, y);
 }
 
+// mpi: the same, each rank running its own stage and passing the activations on to the next
+// rank; every rank returns the loss.
+double eval_loss_mpi(StageWorker& w, int P, const TokenLoader& val, int batches, std::vector<int32_t>& x,
+                     std::vector<int32_t>& y, double timeout_s) {
+  const int k = w.options().index;
+  const int slot = w.free_slot();
+  Stage& s = w.stage();
+  std::vector<float> in(k > 0 ? w.boundary_floats() : 0);
+  double sum = 0.0, count = 0.0;
+  constexpr int kTag = 7;
+  for (int i = 0; i < batches; ++i) {
+    val.batch(i, x.data(), y.data());
+    if (k > 0) mpi::recv(k - 1, kTag, in.data(), in.size() * sizeof(float), timeout_s);
+    UnitContext ctx;
+    ctx.training = false;
+    s.forward(slot, k > 0 ? in.data() : nullptr, MicroBatch{x.data(), y.data()}, ctx);
+    if (k + 1 < P) mpi::send(k + 1, kTag, s.output(slot), w.boundary_floats() * sizeof(float), timeout_s);
+    sum += ctx.loss_sum;
+    count += static_cast<double>(ctx.loss_count);
+  }
+  const std::vector<double> all = mpi::allgather(std::vector<double>{sum, count}, timeout_s, "evaluation");
+  sum = all[2 * static_cast<size_t>(P - 1)];
+  count = all[2 * static_cast<size_t>(P - 1) + 1];
+  return count > 0 ? sum / count : 0.0;
+}
+
+// mpi start-up: one rank per stage, and every rank runs the same code on the same config.
+void mpi_startup(const Config& cfg) {
+  mpi::init();
+  const int n = mpi::size(), P = cfg.pipeline.stages;
+  if (n != P)
+    throw mpi::AgreedError("rank " + std::to_string(mpi::rank()) + ": " + std::to_string(n) + " MPI ranks for pipeline.stages = " +
+                           std::to_string(P) + " (the mpi engine runs one stage per rank: mpirun -np " + std::to_string(P) + ")");
+  const nlohmann::json mine = {{"version", PIPENAG_VERSION_TEXT}, {"config", config_to_json(cfg)}};
+  const std::vector<std::string> all = mpi::allgather(mine.dump(), cfg.pipeline.peer_timeout_s, "start-up checks");
+  const nlohmann::json zero = nlohmann::json::parse(all[0]);
+  for (int r = 1; r < n; ++r) {
+    const nlohmann::json other = nlohmann::json::parse(all[static_cast<size_t>(r)]);
+    if (other["version"] != zero["version"])
+      throw mpi::AgreedError("rank " + std::to_string(r) + " runs pipenag " + other["version"].get<std::string>() +
+                             ", rank 0 runs " + zero["version"].get<std::string>() + " (use one build everywhere)");
+    for (const auto& [section, keys] : zero["config"].items()) {
+      if (!keys.is_object()) {
+        if (other["config"][section] != keys)
+          throw mpi::AgreedError("rank " + std::to_string(r) + " has a different config: " + section + " = " +
+                                 other["config"][section].dump() + " there, " + keys.dump() + " on rank 0");
+        continue;
+      }
+      for (const auto& [key, value] : keys.items())
+        if (other["config"][section][key] != value)
+          throw mpi::AgreedError("rank " + std::to_string(r) + " has a different config: " + section + "." + key +
+                                 " = " + other["config"][section][key].dump() + " there, " + value.dump() +
+                                 " on rank 0");
+    }
+  }
+}
+
 }  // namespace
 
 std::string prepared_data_dir(const Config& cfg, std::string* note) {
@@ -272,7 +332,7 @@ std::string tokenizer_spec(const Config& cfg) {
   return m["tokenizer"].get<std::string>();
 }
 
-std::vector<std::unique_ptr<StageWorker>> make_workers(const Config& cfg) {
+std::vector<std::unique_ptr<StageWorker>> make_workers(const Config& cfg, int only) {
   const ScheduleKind kind = parse_schedule_kind(cfg.pipeline.schedule);
   const int P = cfg.pipeline.stages;
   const int M = kind == ScheduleKind::Async1F1B ? 1 : cfg.pipeline.microbatches;
@@ -293,7 +353,7 @@ std::vector<std::unique_ptr<StageWorker>> make_workers(const Config& cfg) {
     o.stash = cfg.pipeline.stash;
     o.recompute = cfg.pipeline.recompute;
     o.grad_scale = grad_scale;
-    workers.push_back(std::make_unique<StageWorker>(cfg, o));
+    workers.push_back(only < 0 || only == k ? std::make_unique<StageWorker>(cfg, o) : nullptr);
   }
   return workers;
 }
@@ -352,6 +412,7 @@ constexpr int64_t kSyncLeg = 100000;
 // there (train.steps may have changed; the prefix is the same unless the schedule ends earlier).
 bool flow_fits(const Schedule& s, const std::vector<StageWorker*>& ws, int64_t updates) {
   for (size_t k = 0; k < ws.size(); ++k) {
+    if (!ws[k]) continue;  // another rank's
     std::vector<int64_t> want;
     int64_t n = 0;
     for (const Action& a : s.actions[k]) {
@@ -422,14 +483,38 @@ void claim_run_folder(const Config& cfg, const TrainOptions& opt, std::vector<st
 }  // namespace
 
 TrainResult train(const Config& user_cfg, const TrainOptions& opt) {
-  // One owner per run folder for the whole run, data preparation included.
-  RunFolderLock lock(user_cfg.out.dir.empty() ? "." : user_cfg.out.dir);
-  std::vector<std::string> notes;
-  claim_run_folder(user_cfg, opt, notes);
-  std::string threads_note;
-  const int cores = thread_count(user_cfg.train, &threads_note);
-  if (!threads_note.empty()) notes.push_back(threads_note);
   const EngineKind engine = parse_engine_kind(user_cfg.pipeline.engine);
+  // mpi: this process is rank k and runs stage k; rank 0 owns the run folder, the data
+  // preparation, the metrics and the output. Every step that can fail on one rank is agreed on,
+  // so that all ranks stop with the same line instead of waiting for each other.
+  const bool dist = engine == EngineKind::Mpi;
+  const double peer_timeout = user_cfg.pipeline.peer_timeout_s;
+  if (dist) mpi_startup(user_cfg);
+  const int rank = dist ? mpi::rank() : 0;
+  const bool root = rank == 0;
+  const auto together = [&](const std::string& what, const std::function<void()>& f, double timeout = 0) {
+    if (dist) mpi::agree(f, timeout > 0 ? timeout : peer_timeout, what);
+    else f();
+  };
+  // Rank 0 may tokenise a corpus meanwhile; the others wait for it without a peer timeout.
+  constexpr double kPrepareTimeout = 7 * 24 * 3600.0;
+  // One owner per run folder for the whole run, data preparation included.
+  std::optional<RunFolderLock> lock;
+  std::vector<std::string> notes;
+  together("claiming out.dir", [&] {
+    if (!root) return;
+    lock.emplace(user_cfg.out.dir.empty() ? "." : user_cfg.out.dir);
+    claim_run_folder(user_cfg, opt, notes);
+  });
+  std::string threads_note;
+  int cores = thread_count(user_cfg.train, &threads_note);
+  if (dist && mpi::local_size() > 1) {
+    // Ranks sharing a machine share its cores.
+    cores = std::max(1, cores / mpi::local_size());
+    threads_note = std::to_string(mpi::local_size()) + " ranks on this machine: " + std::to_string(cores) +
+                   " thread" + (cores == 1 ? "" : "s") + " each";
+  }
+  if (!threads_note.empty()) notes.push_back(threads_note);
   const ScheduleKind kind = parse_schedule_kind(user_cfg.pipeline.schedule);
   const int P = user_cfg.pipeline.stages;
   const int M = kind == ScheduleKind::Async1F1B ? 1 : user_cfg.pipeline.microbatches;
@@ -437,34 +522,84 @@ TrainResult train(const Config& user_cfg, const TrainOptions& opt) {
   // stage thread gets at least one).
   const int blas_threads = engine == EngineKind::Threads ? std::max(1, cores / P) : cores;
   std::string partition_note;
-  const Config cfg = resolve_partition(user_cfg, opt.resume, blas_threads, &partition_note);
+  Config cfg;
+  if (dist) {
+    // The cut is measured once, on rank 0, and every rank takes it.
+    std::string text;
+    together("choosing the partition", [&] {
+      if (root) text = config_to_toml(resolve_partition(user_cfg, opt.resume, blas_threads, &partition_note));
+    }, kPrepareTimeout);
+    cfg = parse_config(mpi::broadcast(text, 0, peer_timeout, "the partition"), "rank 0's config", {});
+    cfg.method = user_cfg.method;
+  } else {
+    cfg = resolve_partition(user_cfg, opt.resume, blas_threads, &partition_note);
+  }
   omp_set_num_threads(cores);
   const int B = cfg.train.batch_size, T = cfg.model.block_size;
   const int64_t tokens_per_update = static_cast<int64_t>(M) * B * T;
   std::string data_note;
-  Data data = load_data(cfg, &data_note);
+  Data data;
+  if (dist) {
+    std::string dir;
+    together("preparing the data", [&] { if (root) dir = prepared_data_dir(cfg, &data_note); }, kPrepareTimeout);
+    dir = mpi::broadcast(dir, 0, peer_timeout, "the data folder");
+    together("opening the data", [&] {
+      Config c = cfg;
+      c.data.dir = dir;
+      data = load_data(c);
+    });
+    // Every rank reads the same token files (a hash of their description, exchanged once).
+    const std::string meta = read_file(dir + "/meta.json");
+    const std::string mine = hex64(xxhash64(meta.data(), meta.size())) + " " + std::to_string(data.train_file.size()) +
+                             " " + std::to_string(data.val_file.size());
+    const auto all = mpi::allgather(mine, peer_timeout, "data check");
+    for (size_t r = 1; r < all.size(); ++r)
+      if (all[r] != all[0])
+        throw mpi::AgreedError("rank " + std::to_string(r) + " has different data files in " + dir +
+                               " than rank 0 (meta.json hash and token counts " + all[r] + " there, " + all[0] +
+                               " on rank 0)");
+  } else {
+    data = load_data(cfg, &data_note);
+  }
   if (!data_note.empty()) notes.push_back(data_note);
 
-  auto workers = make_workers(cfg);
-  std::vector<StageWorker*> ws;
+  auto workers = make_workers(cfg, dist ? rank : -1);
+  std::vector<StageWorker*> ws;     // P entries; mpi: null for the other ranks' stages
+  std::vector<StageWorker*> mine;   // the stages this process runs
   std::vector<StagePart> parts;
   size_t n_params = 0;
   for (auto& w : workers) {
     ws.push_back(w.get());
+    if (!w) continue;
+    mine.push_back(w.get());
     parts.push_back({&w->stage(), &w->optimizer(), w->correction_state(), w.get()});
     n_params += w->stage().num_params();
   }
+  if (dist) {
+    n_params = 0;
+    for (double c : mpi::allgather(std::vector<double>{static_cast<double>(parts[0].stage->num_params())},
+                                   peer_timeout, "parameter count"))
+      n_params += static_cast<size_t>(c);
+  }
   TrainState st;
   FlowState flow_state;
-  make_dirs(cfg.out.dir);
   const std::string ckpt_dir = cfg.out.dir + "/checkpoint";
-  if (opt.resume) {
-    load_checkpoint(ckpt_dir, cfg, parts, &st, &flow_state);
-    for (auto& n : resume_config_changes(read_checkpoint_config(ckpt_dir), user_cfg)) notes.push_back(std::move(n));
-  } else {
-    for (auto* w : ws) w->stage().init_params(cfg.model.seed);
+  together("loading the checkpoint", [&] {
+    make_dirs(cfg.out.dir);
+    if (opt.resume) {
+      load_checkpoint(ckpt_dir, cfg, parts, &st, &flow_state);
+      for (auto& n : resume_config_changes(read_checkpoint_config(ckpt_dir), user_cfg)) notes.push_back(std::move(n));
+    } else {
+      for (auto* w : mine) w->stage().init_params(cfg.model.seed);
+    }
+  });
+  if (!flow_state.reshard.empty()) {
+    std::string delays;
+    for (int k = 0; k < P; ++k) delays += (k ? ", " : "") + std::to_string(stage_delay(kind, P, k));
+    notes.push_back("resharded: " + flow_state.reshard + "; weights, optimizer and correction state moved by name; "
+                    "delays tau_k now " + delays);
   }
-  for (auto* w : ws) w->set_version(st.step);
+  for (auto* w : mine) w->set_version(st.step);
   if (opt.resume && st.step > cfg.train.steps)
     throw Error(ckpt_dir + " is at step " + std::to_string(st.step) + ", beyond train.steps = " +
                 std::to_string(cfg.train.steps) + " (raise train.steps to continue it)");
@@ -480,9 +615,13 @@ TrainResult train(const Config& user_cfg, const TrainOptions& opt) {
     return res;
   }
   std::string metrics_note;
-  MetricsLog metrics(cfg.out.dir + "/metrics.jsonl", opt.resume, st.step, &metrics_note);
+  std::optional<MetricsLog> metrics;
+  if (root) metrics.emplace(cfg.out.dir + "/metrics.jsonl", opt.resume, st.step, &metrics_note);
+  const auto log = [&](const nlohmann::json& j) {
+    if (metrics) metrics->write(j);
+  };
   if (!metrics_note.empty()) notes.push_back(metrics_note);
-  Progress progress(cfg.train.steps, cfg.train.log_every, opt.quiet);
+  Progress progress(cfg.train.steps, cfg.train.log_every, opt.quiet || !root);
   {
     char buf[320];
     std::snprintf(buf, sizeof buf,
@@ -492,7 +631,7 @@ TrainResult train(const Config& user_cfg, const TrainOptions& opt) {
                   cfg.model.vocab_size, data.train_file.size(), data.val_file.size(), cores);
     progress.message(buf);
     std::string products = std::string("products: fp32 GEMM ") + kernels::gemm_isa();
-    if (cfg.train.bf16) products += ", bf16 " + ws.front()->stage().bf16_backend();
+    if (cfg.train.bf16) products += ", bf16 " + mine.front()->stage().bf16_backend();
     progress.message(products);
     if (P > 1 || M > 1) {
       std::string blocks;
@@ -508,6 +647,7 @@ TrainResult train(const Config& user_cfg, const TrainOptions& opt) {
                     cfg.pipeline.stash ? "on" : "off", cfg.pipeline.recompute ? "on" : "off");
       progress.message(buf);
     }
+    if (dist) progress.message("mpi: " + std::to_string(P) + " ranks, " + mpi::implementation());
     if (!partition_note.empty()) progress.message(partition_note);
     if (opt.resume) progress.message("resumed from " + ckpt_dir + " at step " + std::to_string(st.step));
     for (const auto& n : notes) progress.message("note: " + n);
@@ -524,7 +664,33 @@ TrainResult train(const Config& user_cfg, const TrainOptions& opt) {
   double last_util = -1;
   std::vector<TraceEvent> trace;
   auto write_trace = [&] {
-    if (!opt.trace.empty()) write_file_atomic(opt.trace, trace_json(trace, P));
+    if (opt.trace.empty()) return;
+    if (dist) {
+      // Every rank's events to rank 0 (as text: stage kind mb version start end).
+      std::string text;
+      for (const auto& e : trace) {
+        char b[160];
+        std::snprintf(b, sizeof b, "%d %c %lld %lld %.9f %.9f\n", e.stage, e.kind, static_cast<long long>(e.mb),
+                      static_cast<long long>(e.version), e.start, e.end);
+        text += b;
+      }
+      const auto all = mpi::allgather(text, peer_timeout, "gathering the trace");
+      if (!root) return;
+      std::vector<TraceEvent> merged;
+      for (const auto& t : all) {
+        std::istringstream in(t);
+        TraceEvent e;
+        long long mb = 0, v = 0;
+        while (in >> e.stage >> e.kind >> mb >> v >> e.start >> e.end) {
+          e.mb = mb;
+          e.version = v;
+          merged.push_back(e);
+        }
+      }
+      write_file_atomic(opt.trace, trace_json(merged, P));
+      return;
+    }
+    write_file_atomic(opt.trace, trace_json(trace, P));
   };
   // A run is one schedule from its drained start to train.steps, run as a Flow in windows that
   // end at cuts (evaluations, checkpoints, a stop): the pipeline pauses there with its
@@ -541,37 +707,47 @@ TrainResult train(const Config& user_cfg, const TrainOptions& opt) {
   eo.trace = !opt.trace.empty();
   eo.global_clip = cfg.train.clip_global;
   eo.epoch = run_start;
+  const auto seconds = [](const std::vector<double>& v, double scale) {
+    std::vector<double> out;
+    for (double value : v) out.push_back(value * scale);
+    return out;
+  };
+  if (P > 1) {
+    eo.link_latency_s = seconds(cfg.pipeline.link_latency_ms, 1e-3);
+    eo.link_bandwidth_bytes_s = seconds(cfg.pipeline.link_bandwidth_mbps, 1e6 / 8);
+  }
+  eo.slowdown = cfg.pipeline.stage_slowdown;
+  eo.peer_timeout_s = peer_timeout;
   EngineHooks hooks;
   auto last_step_time = std::chrono::steady_clock::now();
   hooks.pause_requested = [&] { return signals.pending() != 0; };
-  hooks.on_step = [&](int k, StageWorker& w, const RunMonitor& mon) {
-    if (k != P - 1) return;
-    const int64_t step = w.version();
-    const double loss = nan_guard(w.last_update_loss(), step, cfg.train.clip);
+  hooks.on_report = [&](const UpdateReport& r) {
+    const int64_t step = r.step;
+    const double loss = nan_guard(r.loss, step, cfg.train.clip);
     const auto now = std::chrono::steady_clock::now();
     const double dt = std::chrono::duration<double>(now - last_step_time).count();
     last_step_time = now;
     const double tps = dt > 0 ? static_cast<double>(tokens_per_update) / dt : 0.0;
-    const double util = mon.utilization();
     res.last_loss = loss;
-    nlohmann::json j = {{"step", step}, {"tokens", step * tokens_per_update}, {"loss", loss}, {"lr", w.last_lr()}};
+    nlohmann::json j = {{"step", step}, {"tokens", step * tokens_per_update}, {"loss", loss}, {"lr", r.lr}};
     // With several stages each clips its own gradient; the last stage's norm alone would mislead.
-    if (P == 1) j["grad_norm"] = w.last_grad_norm();
+    if (P == 1) j["grad_norm"] = r.grad_norm;
     j["tokens_per_s"] = tps;
-    j["utilization"] = util;
-    metrics.write(j);
-    progress.step(step, loss, tps, w.last_lr(), P > 1 ? util : -1.0);
+    j["utilization"] = r.utilization;
+    log(j);
+    progress.step(step, loss, tps, r.lr, P > 1 ? r.utilization : -1.0);
   };
   auto evaluate = [&] {
     // Every stage holds weight version st.step now (the flow is paused at that cut); each
     // evaluates on a free slot, so in-flight micro-batches keep what they saved.
-    const double vl = eval_loss(ws, *data.val, cfg.train.eval_batches, x, y);
+    const double vl = dist ? eval_loss_mpi(*mine.front(), P, *data.val, cfg.train.eval_batches, x, y, peer_timeout)
+                           : eval_loss(ws, *data.val, cfg.train.eval_batches, x, y);
     res.val_loss = vl;
     res.val_ppl = std::exp(vl);
     last_eval_step = st.step;
     nlohmann::json j = {{"step", st.step}, {"tokens", st.tokens}, {"val_loss", vl}, {"val_ppl", res.val_ppl}};
     if (last_util >= 0) j["utilization"] = last_util;
-    metrics.write(j);
+    log(j);
     char buf[128];
     std::snprintf(buf, sizeof buf, "step %lld: val loss %.4f, val ppl %.2f",
                   static_cast<long long>(st.step), vl, res.val_ppl);
@@ -592,13 +768,14 @@ TrainResult train(const Config& user_cfg, const TrainOptions& opt) {
       idle.push_back(std::max(0.0, wall - b));
       total += b;
     }
-    const double util = engine == EngineKind::Threads ? (wall > 0 ? total / (P * wall) : 0.0) : now.utilization;
+    const bool measured = engine != EngineKind::Sequential;
+    const double util = measured ? (wall > 0 ? total / (P * wall) : 0.0) : now.utilization;
     const int64_t updates = st.step - since_step;
-    metrics.write({{"step", st.step}, {"tokens", st.tokens}, {"utilization", util}, {"bubble", 1.0 - util},
+    log({{"step", st.step}, {"tokens", st.tokens}, {"utilization", util}, {"bubble", 1.0 - util},
                    {"stage_busy_s", busy}, {"stage_idle_s", idle}, {"segment_updates", updates},
                    {"segment_wall_s", wall},
                    {"tokens_per_s", wall > 0 ? static_cast<double>(updates * tokens_per_update) / wall : 0.0},
-                   {"utilization_kind", engine == EngineKind::Threads ? "measured" : "modelled"}});
+                   {"utilization_kind", measured ? "measured" : "modelled"}});
     since = now;
     since_step = st.step;
   };
@@ -625,7 +802,7 @@ TrainResult train(const Config& user_cfg, const TrainOptions& opt) {
                   " actions, at most " + std::to_string(static_cast<long long>(kMaxRunActions)) + ")");
     const Schedule sched = make_schedule(kind, P, M, sched_updates);
     validate_schedule(sched);
-    for (auto* w : ws) {
+    for (auto* w : mine) {
       w->clear_records();
       w->set_batch_source([&data, base_pos](int64_t mb, int32_t* bx, int32_t* by) {
         data.train->batch(base_pos + mb, bx, by);
@@ -640,7 +817,8 @@ TrainResult train(const Config& user_cfg, const TrainOptions& opt) {
       fs.base_position = base_pos;
       fs.schedule_updates = sched_updates;
       fs.messages = flow.messages();
-      save_checkpoint(ckpt_dir, cfg, parts, st, &fs);
+      if (dist) save_checkpoint_sharded(ckpt_dir, cfg, parts.front(), st, fs, peer_timeout);
+      else save_checkpoint(ckpt_dir, cfg, parts, st, &fs);
       res.checkpoint = ckpt_dir;
     };
     since = flow.stats();
@@ -665,16 +843,22 @@ TrainResult train(const Config& user_cfg, const TrainOptions& opt) {
         // has run 2 tau_k updates).
         memory_reported = true;
         nlohmann::json mem = nlohmann::json::array();
-        std::string line = "memory per stage (weights + versions + grads + optimizer + activations):";
-        for (auto* w : ws) {
+        for (auto* w : mine) {
           const StageMemory m = w->memory();
           mem.push_back({{"stage", w->options().index}, {"weights", m.weights},
                          {"weight_versions", m.weight_versions}, {"gradients", m.gradients},
                          {"optimizer", m.optimizer}, {"activations", m.activations},
                          {"total", m.total()}});
-          line += " " + format_bytes(static_cast<double>(m.total()));
         }
-        write_file_atomic(cfg.out.dir + "/memory.json", nlohmann::json{{"stages", mem}}.dump(2) + "\n");
+        if (dist) {  // every rank's stage, to rank 0
+          nlohmann::json all = nlohmann::json::array();
+          for (const auto& t : mpi::allgather(mem.dump(), peer_timeout, "memory report"))
+            for (const auto& e : nlohmann::json::parse(t)) all.push_back(e);
+          mem = all;
+        }
+        std::string line = "memory per stage (weights + versions + grads + optimizer + activations):";
+        for (const auto& e : mem) line += " " + format_bytes(e["total"].get<double>());
+        if (root) write_file_atomic(cfg.out.dir + "/memory.json", nlohmann::json{{"stages", mem}}.dump(2) + "\n");
         if (P > 1) progress.message(line);
       }
       const bool eval_due = cfg.train.eval_every > 0 && st.step % cfg.train.eval_every == 0;
@@ -683,15 +867,20 @@ TrainResult train(const Config& user_cfg, const TrainOptions& opt) {
       const bool periodic = cfg.train.checkpoint_every > 0 && st.step % cfg.train.checkpoint_every == 0;
       if (periodic && st.step < end) save();
       // (A signal that came too late to stop the run before its end lets it finish normally.)
-      if (signals.pending() && st.step < cfg.train.steps) {
+      // mpi: rank 0's signal decides for every rank.
+      int signal = signals.pending();
+      if (dist) signal = std::stoi(mpi::broadcast(std::to_string(signal), 0, peer_timeout, "stop decision"));
+      if (signal && st.step < cfg.train.steps) {
         progress.finish();
         save();
         const auto ev = flow.stats().events;
         trace.insert(trace.end(), ev.begin(), ev.end());
         write_trace();
-        throw Error("interrupted by signal " + std::to_string(signals.pending()) + " at step " +
-                    std::to_string(st.step) + "; checkpoint saved to " + ckpt_dir +
-                    " (continue with --resume)");
+        const std::string msg = "interrupted by signal " + std::to_string(signal) + " at step " +
+                                std::to_string(st.step) + "; checkpoint saved to " + ckpt_dir +
+                                " (continue with --resume)";
+        if (dist) throw mpi::AgreedError(msg);
+        throw Error(msg);
       }
     }
     const auto ev = flow.stats().events;

@@ -36,8 +36,9 @@ struct TrainResult {
 TrainResult train(const Config& cfg, const TrainOptions& opt);
 
 // The stage workers of cfg's pipeline (partition, slots from the schedule, delays, stashing,
-// recomputation), weights not yet initialised.
-std::vector<std::unique_ptr<StageWorker>> make_workers(const Config& cfg);
+// recomputation), weights not yet initialised. With `only` >= 0 (mpi: this rank's stage), only
+// that stage's worker is made; the others are null.
+std::vector<std::unique_ptr<StageWorker>> make_workers(const Config& cfg, int only = -1);
 
 // The folder with train.bin / val.bin / meta.json for this config: data.dir, or <out.dir>/data,
 // prepared from data.input with data.tokenizer when missing or made with other settings.
