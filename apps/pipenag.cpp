@@ -284,13 +284,14 @@ int main(int argc, char** argv) {
 
   // schedule
   auto* sched_cmd = app.add_subcommand("schedule", "Print a pipeline schedule: per-stage actions, delays and timeline");
-  int sched_stages = 4, sched_mb = 4;
+  int sched_stages = 4, sched_mb = 4, sched_extra = 0;
   int64_t sched_updates = 0;
   std::string sched_kind = "async-1f1b", sched_svg;
   sched_cmd->add_option("--stages", sched_stages, "Pipeline stages P")->capture_default_str();
   sched_cmd->add_option("--kind", sched_kind, "gpipe | 1f1b | async-1f1b")->capture_default_str();
   sched_cmd->add_option("--microbatches", sched_mb, "Micro-batches per update (gpipe, 1f1b)")->capture_default_str();
   sched_cmd->add_option("--updates", sched_updates, "Updates to lay out (default: 2 for gpipe/1f1b, 2P for async-1f1b)");
+  sched_cmd->add_option("--extra-inflight", sched_extra, "async-1f1b: E more micro-batches in flight per stage (pipeline.extra_inflight)")->capture_default_str();
   sched_cmd->add_option("--svg", sched_svg, "Also draw the timeline as an SVG picture here");
   std::string sched_costs, sched_latency = "0", sched_bandwidth = "0";
   double sched_message_mb = 0;
@@ -421,10 +422,13 @@ int main(int argc, char** argv) {
       if (sched_mb < 1 || sched_mb > kMaxScheduleMicrobatches)
         throw Error("--microbatches must be between 1 and " + std::to_string(kMaxScheduleMicrobatches) +
                     ", got " + std::to_string(sched_mb));
+      if (sched_extra < 0 || sched_extra > kMaxScheduleMicrobatches)
+        throw Error("--extra-inflight must be between 0 and " + std::to_string(kMaxScheduleMicrobatches) + ", got " +
+                    std::to_string(sched_extra));
       if (sched_cmd->count("--updates") && sched_updates < 1)
         throw Error("--updates must be >= 1, got " + std::to_string(sched_updates));
       const int64_t updates = sched_updates > 0 ? sched_updates
-                              : kind == ScheduleKind::Async1F1B ? 2 * sched_stages : 2;
+                              : kind == ScheduleKind::Async1F1B ? 2 * (sched_stages + sched_extra) : 2;
       // The listing and the timeline grow with stages x micro-batches x updates.
       const double actions = static_cast<double>(sched_stages) *
                              static_cast<double>(kind == ScheduleKind::Async1F1B ? 1 : sched_mb) *
@@ -434,7 +438,7 @@ int main(int argc, char** argv) {
                     " updates" + (kind == ScheduleKind::Async1F1B ? std::string() : " x " + std::to_string(sched_mb) + " micro-batches") +
                     " is too large to print (at most " + std::to_string(static_cast<long long>(kMaxScheduleActions)) +
                     " stage-micro-batches)");
-      const Schedule s = make_schedule(kind, sched_stages, sched_mb, updates);
+      const Schedule s = make_schedule(kind, sched_stages, sched_mb, updates, sched_extra);
       validate_schedule(s);
       // Bad prediction options fail before anything is printed.
       const std::string prediction =

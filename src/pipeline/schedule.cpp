@@ -66,12 +66,14 @@ Schedule make_1f1b(int P, int M, int64_t updates) {
   return s;
 }
 
-Schedule make_async_1f1b(int P, int64_t updates) {
+Schedule make_async_1f1b(int P, int64_t updates, int extra) {
   check_shape(P, 1, updates);
+  if (extra < 0) throw Error("schedule: extra in-flight micro-batches must be >= 0, got " + std::to_string(extra));
   Schedule s = empty(ScheduleKind::Async1F1B, P, 1, updates);
+  s.extra_inflight = extra;
   for (int k = 0; k < P; ++k) {
     auto& list = s.actions[static_cast<size_t>(k)];
-    const int64_t warm = std::min<int64_t>(updates, P - 1 - k);
+    const int64_t warm = std::min<int64_t>(updates, P - 1 - k + extra);
     for (int64_t j = 0; j < warm; ++j) list.push_back({Op::Forward, j});
     for (int64_t j = 0; j < updates; ++j) {
       if (j + warm < updates) list.push_back({Op::Forward, j + warm});
@@ -82,11 +84,14 @@ Schedule make_async_1f1b(int P, int64_t updates) {
   return s;
 }
 
-Schedule make_schedule(ScheduleKind kind, int P, int M, int64_t updates) {
+Schedule make_schedule(ScheduleKind kind, int P, int M, int64_t updates, int extra) {
+  if (extra != 0 && kind != ScheduleKind::Async1F1B)
+    throw Error("extra in-flight micro-batches apply to async-1f1b only (" + std::string(schedule_name(kind)) +
+                " flushes every update)");
   switch (kind) {
     case ScheduleKind::GPipe: return make_gpipe(P, M, updates);
     case ScheduleKind::OneFOneB: return make_1f1b(P, M, updates);
-    case ScheduleKind::Async1F1B: return make_async_1f1b(P, updates);
+    case ScheduleKind::Async1F1B: return make_async_1f1b(P, updates, extra);
   }
   throw Error("unknown schedule kind");
 }
@@ -107,8 +112,8 @@ ScheduleKind parse_schedule_kind(std::string_view name) {
               "' (expected \"gpipe\", \"1f1b\" or \"async-1f1b\")");
 }
 
-int stage_delay(ScheduleKind kind, int P, int k) {
-  return kind == ScheduleKind::Async1F1B ? P - 1 - k : 0;
+int stage_delay(ScheduleKind kind, int P, int k, int extra) {
+  return kind == ScheduleKind::Async1F1B ? P - 1 - k + extra : 0;
 }
 
 void validate_schedule(const Schedule& s) {

@@ -28,6 +28,7 @@ struct Schedule {
   int stages = 1;
   int microbatches = 1;   // micro-batches per update (1 for async-1f1b)
   int64_t updates = 0;    // optimizer updates every stage performs
+  int extra_inflight = 0; // async-1f1b: E extra warm-up forwards on every stage (tau_k + E)
   std::vector<std::vector<Action>> actions;  // [stage]
 
   int64_t num_microbatches() const { return updates * microbatches; }
@@ -41,15 +42,18 @@ Schedule make_gpipe(int P, int M, int64_t updates);
 Schedule make_1f1b(int P, int M, int64_t updates);
 // async-1f1b (PipeDream): stage k runs P-1-k warm-up forwards, then Forward, Backward, Step per
 // micro-batch, and drains at the end. One micro-batch per update, no flush until the end.
-Schedule make_async_1f1b(int P, int64_t updates);
-Schedule make_schedule(ScheduleKind kind, int P, int M, int64_t updates);
+// `extra` (pipeline.extra_inflight) E more warm-up forwards: P-1-k+E micro-batches in flight,
+// which hides link latency at the cost of E more updates of delay on every stage.
+Schedule make_async_1f1b(int P, int64_t updates, int extra = 0);
+// `extra` applies to async-1f1b only (Error for the synchronous schedules when > 0).
+Schedule make_schedule(ScheduleKind kind, int P, int M, int64_t updates, int extra = 0);
 
 // "gpipe", "1f1b", "async-1f1b"; parse_schedule_kind throws Error on anything else.
 std::string_view schedule_name(ScheduleKind kind);
 ScheduleKind parse_schedule_kind(std::string_view name);
 
-// The gradient delay of stage k: tau_k = P-1-k for async-1f1b, 0 for the synchronous schedules.
-int stage_delay(ScheduleKind kind, int P, int k);
+// The gradient delay of stage k: tau_k = P-1-k+E for async-1f1b, 0 for the synchronous schedules.
+int stage_delay(ScheduleKind kind, int P, int k, int extra = 0);
 
 // Throws Error naming the first violation: an action list per stage; ids in range; every
 // micro-batch forwarded and backwarded exactly once on every stage (so every message sent has

@@ -85,8 +85,15 @@ const float* StageWorker::forward(int64_t mb, const float* in) {
   ctx.training = true;
   ctx.grad_scale = opt_.grad_scale;
   stage_.forward(slot, in, MicroBatch{x_[s].data(), y_[s].data()}, ctx, shifted_weights(true));
-  loss_sum_ += ctx.loss_sum;
-  loss_count_ += ctx.loss_count;
+  // A micro-batch's loss belongs to the update its backward enters: the same one unless the last
+  // stage has a delay (pipeline.extra_inflight), where it waits in the slot until then.
+  if (opt_.delay > 0) {
+    in_flight_[s].loss_sum = ctx.loss_sum;
+    in_flight_[s].loss_count = ctx.loss_count;
+  } else {
+    loss_sum_ += ctx.loss_sum;
+    loss_count_ += ctx.loss_count;
+  }
   return is_last() ? nullptr : stage_.output(slot);
 }
 
@@ -107,6 +114,8 @@ const float* StageWorker::backward(int64_t mb, const float* dout) {
   stage_.backward(slot, dout, MicroBatch{x_[s].data(), y_[s].data()}, ctx,
                   shifted ? shifted : weights_of_version(bv));
   records_.push_back({mb, fv, bv});
+  loss_sum_ += in_flight_[s].loss_sum;
+  loss_count_ += in_flight_[s].loss_count;
   in_flight_[s] = InFlight{};
   // A stashed version no in-flight micro-batch needs any more is freed for reuse.
   for (auto& st : stash_)
@@ -208,7 +217,9 @@ int StageWorker::free_slot() const {
 std::vector<StageWorker::InFlightRecord> StageWorker::in_flight() const {
   std::vector<InFlightRecord> out;
   for (size_t i = 0; i < in_flight_.size(); ++i)
-    if (in_flight_[i].mb >= 0) out.push_back({static_cast<int>(i), in_flight_[i].mb, in_flight_[i].version});
+    if (in_flight_[i].mb >= 0)
+      out.push_back({static_cast<int>(i), in_flight_[i].mb, in_flight_[i].version, in_flight_[i].loss_sum,
+                     in_flight_[i].loss_count});
   return out;
 }
 
@@ -219,11 +230,11 @@ std::vector<std::pair<int64_t, std::vector<float>*>> StageWorker::stashed_versio
   return out;
 }
 
-void StageWorker::restore_in_flight(int slot, int64_t mb, int64_t version) {
+void StageWorker::restore_in_flight(int slot, int64_t mb, int64_t version, double loss_sum, int64_t loss_count) {
   if (slot < 0 || slot >= opt_.slots || in_flight_[static_cast<size_t>(slot)].mb >= 0 || slot_of(mb) >= 0)
     throw Error("stage " + std::to_string(opt_.index) + ": cannot restore micro-batch " + std::to_string(mb) +
                 " into slot " + std::to_string(slot) + " (the checkpoint does not fit this pipeline)");
-  in_flight_[static_cast<size_t>(slot)] = {mb, version};
+  in_flight_[static_cast<size_t>(slot)] = {mb, version, loss_sum, loss_count};
 }
 
 std::vector<float>& StageWorker::restore_stash(int64_t version) {

@@ -114,6 +114,8 @@ class StageWorker {
     int slot = 0;
     int64_t mb = 0;       // id within the flow's schedule
     int64_t version = 0;  // weight version its forward ran on
+    double loss_sum = 0;  // last stage with a delay (extra_inflight): its loss, not yet counted
+    int64_t loss_count = 0;
   };
   std::vector<InFlightRecord> in_flight() const;
   // The stashed weight versions in-flight micro-batches still need (version, weights).
@@ -122,7 +124,7 @@ class StageWorker {
   std::vector<int32_t>& slot_targets(int slot) { return y_.at(static_cast<size_t>(slot)); }
   // Marks `slot` as holding micro-batch mb forwarded on `version` (its buffers are filled by the
   // caller through stage().slot_state(slot)).
-  void restore_in_flight(int slot, int64_t mb, int64_t version);
+  void restore_in_flight(int slot, int64_t mb, int64_t version, double loss_sum = 0, int64_t loss_count = 0);
   // A stash buffer for `version`, to be filled by the caller.
   std::vector<float>& restore_stash(int64_t version);
   double loss_sum() const { return loss_sum_; }
@@ -136,6 +138,8 @@ class StageWorker {
   struct InFlight {
     int64_t mb = -1;
     int64_t version = 0;
+    double loss_sum = 0;     // last stage with a delay: the loss of its forward, counted at
+    int64_t loss_count = 0;  // its backward (the update it enters)
   };
   int slot_of(int64_t mb) const;
   const float* weights_of_version(int64_t v) const;

@@ -136,7 +136,12 @@ nlohmann::json add_flow_stage(SafetensorsWriter& fw, StageWorker* w, size_t k, b
   nlohmann::json in = nlohmann::json::array(), stash = nlohmann::json::array();
   for (const auto& r : w->in_flight()) {
     *any = true;
-    in.push_back({{"slot", r.slot}, {"mb", r.mb}, {"version", r.version}});
+    nlohmann::json rec = {{"slot", r.slot}, {"mb", r.mb}, {"version", r.version}};
+    if (r.loss_count > 0) {
+      rec["loss_sum"] = r.loss_sum;
+      rec["loss_count"] = r.loss_count;
+    }
+    in.push_back(rec);
     for (const auto& [name, buf] : w->stage().slot_state(r.slot))
       fw.add(slot_prefix(k, r.slot) + name, Dtype::F32, {static_cast<int64_t>(buf->size())}, buf->data());
     for (const auto& [which, v] : {std::pair{"tokens", &w->slot_tokens(r.slot)},
@@ -472,7 +477,8 @@ void load_flow(const std::string& dir, const nlohmann::json& state, const std::v
       }
       for (const auto& r : stages[k].at("in_flight")) {
         const int slot = r.at("slot").get<int>();
-        w->restore_in_flight(slot, r.at("mb").get<int64_t>(), r.at("version").get<int64_t>());
+        w->restore_in_flight(slot, r.at("mb").get<int64_t>(), r.at("version").get<int64_t>(), r.value("loss_sum", 0.0),
+                             r.value("loss_count", int64_t{0}));
         for (const auto& [name, buf] : w->stage().slot_state(slot))
           copy_exact(f.find(slot_prefix(k, slot) + name), slot_prefix(k, slot) + name, Dtype::F32, buf->size(),
                      buf->data());
@@ -534,7 +540,8 @@ void load_checkpoint(const std::string& dir, const Config& cfg, const std::vecto
   // micro-batches are dropped (the new pipeline refills from the checkpoint's data position).
   const std::vector<int> there_blocks = checkpoint_blocks_per_stage(dir);
   const std::vector<int> here_blocks = blocks_per_stage(cfg.model, cfg.pipeline);
-  const bool reshard = st && there_blocks != here_blocks;
+  const bool reshard = st && (there_blocks != here_blocks ||
+                              there.pipeline.extra_inflight != cfg.pipeline.extra_inflight);
   if (st) {
     // The correction's state (PipeMare's delta, SpecTrain's smoothed update) is in the files only
     // when the run had it; switching on resume would start it from nothing or drop it.
@@ -596,6 +603,9 @@ void load_checkpoint(const std::string& dir, const Config& cfg, const std::vecto
       };
       flow->reshard = std::to_string(there_blocks.size()) + " stages with blocks " + list(there_blocks) + " -> " +
                       std::to_string(here_blocks.size()) + " with " + list(here_blocks);
+      if (there.pipeline.extra_inflight != cfg.pipeline.extra_inflight)
+        flow->reshard += ", extra_inflight " + std::to_string(there.pipeline.extra_inflight) + " -> " +
+                         std::to_string(cfg.pipeline.extra_inflight);
       if (j.contains("flow")) {
         bool in_flight = !j["flow"].value("messages", nlohmann::json::array()).empty();
         for (const auto& sj : j["flow"].value("stages", nlohmann::json::array()))

@@ -2,6 +2,8 @@
 
 #include <omp.h>
 
+#include <unistd.h>
+
 #include <array>
 #include <optional>
 #include <atomic>
@@ -336,8 +338,9 @@ std::vector<std::unique_ptr<StageWorker>> make_workers(const Config& cfg, int on
   const ScheduleKind kind = parse_schedule_kind(cfg.pipeline.schedule);
   const int P = cfg.pipeline.stages;
   const int M = kind == ScheduleKind::Async1F1B ? 1 : cfg.pipeline.microbatches;
+  const int E = cfg.pipeline.extra_inflight;
   // In-flight micro-batches per stage in the steady state of the schedule.
-  const std::vector<int> slots = max_in_flight(make_schedule(kind, P, M, 2 * P + 2));
+  const std::vector<int> slots = max_in_flight(make_schedule(kind, P, M, 2 * (P + E) + 2, E));
   const std::vector<int> bounds = unit_boundaries(cfg.model, cfg.pipeline);
   const float grad_scale =
       1.0f / static_cast<float>(static_cast<size_t>(M) * cfg.train.batch_size * cfg.model.block_size);
@@ -349,13 +352,41 @@ std::vector<std::unique_ptr<StageWorker>> make_workers(const Config& cfg, int on
     o.last_unit = bounds[static_cast<size_t>(k) + 1];
     o.slots = slots[static_cast<size_t>(k)];
     o.stages = P;
-    o.delay = stage_delay(kind, P, k);
+    o.delay = stage_delay(kind, P, k, E);
     o.stash = cfg.pipeline.stash;
     o.recompute = cfg.pipeline.recompute;
     o.grad_scale = grad_scale;
     workers.push_back(only < 0 || only == k ? std::make_unique<StageWorker>(cfg, o) : nullptr);
   }
   return workers;
+}
+
+static std::string format_bytes(double b);
+
+// pipeline.extra_inflight: every stage holds P-1-k+E micro-batches' activations and, with
+// stashing, as many weight versions. Refused with the estimate when it exceeds this machine's
+// memory (`only` >= 0: just that stage, the one this rank runs).
+static void check_inflight_memory(const Config& cfg, ScheduleKind kind, int only) {
+  const int P = cfg.pipeline.stages, E = cfg.pipeline.extra_inflight;
+  const std::vector<int> bounds = unit_boundaries(cfg.model, cfg.pipeline);
+  const auto units = make_gpt_units(cfg.model);
+  const int B = cfg.train.batch_size;
+  double bytes = 0;
+  for (int k = 0; k < P; ++k) {
+    if (only >= 0 && k != only) continue;
+    double acts = static_cast<double>(B) * cfg.model.block_size * cfg.model.n_embd, params = 0;
+    for (int u = bounds[static_cast<size_t>(k)]; u < bounds[static_cast<size_t>(k) + 1]; ++u) {
+      acts += static_cast<double>(units[static_cast<size_t>(u)]->act_floats(B));
+      params += static_cast<double>(units[static_cast<size_t>(u)]->num_params());
+    }
+    const double tau = stage_delay(kind, P, k, E);
+    bytes += 4.0 * ((tau + 1) * acts + (cfg.pipeline.stash ? tau : 0.0) * params + 4 * params);
+  }
+  const double ram = static_cast<double>(::sysconf(_SC_PHYS_PAGES)) * static_cast<double>(::sysconf(_SC_PAGESIZE));
+  if (ram > 0 && bytes > 0.9 * ram)
+    throw Error("pipeline.extra_inflight = " + std::to_string(E) + " needs about " + format_bytes(bytes) +
+                " (activations of tau_k + 1 micro-batches in flight" + (cfg.pipeline.stash ? " and tau_k weight versions" : "") +
+                " per stage), more than the " + format_bytes(ram) + " of memory here");
 }
 
 // pipeline.partition = "auto": the cut that balances the unit costs measured now with each stage
@@ -563,6 +594,7 @@ TrainResult train(const Config& user_cfg, const TrainOptions& opt) {
   }
   if (!data_note.empty()) notes.push_back(data_note);
 
+  if (cfg.pipeline.extra_inflight > 0) check_inflight_memory(cfg, kind, dist ? rank : -1);
   auto workers = make_workers(cfg, dist ? rank : -1);
   std::vector<StageWorker*> ws;     // P entries; mpi: null for the other ranks' stages
   std::vector<StageWorker*> mine;   // the stages this process runs
@@ -595,7 +627,7 @@ TrainResult train(const Config& user_cfg, const TrainOptions& opt) {
   });
   if (!flow_state.reshard.empty()) {
     std::string delays;
-    for (int k = 0; k < P; ++k) delays += (k ? ", " : "") + std::to_string(stage_delay(kind, P, k));
+    for (int k = 0; k < P; ++k) delays += (k ? ", " : "") + std::to_string(stage_delay(kind, P, k, cfg.pipeline.extra_inflight));
     notes.push_back("resharded: " + flow_state.reshard + "; weights, optimizer and correction state moved by name; "
                     "delays tau_k now " + delays);
   }
@@ -784,12 +816,12 @@ TrainResult train(const Config& user_cfg, const TrainOptions& opt) {
   for (;;) {
     int64_t sched_updates = cfg.train.steps - base_step;
     if (kind != ScheduleKind::Async1F1B) sched_updates = std::min(sched_updates, kSyncLeg);
-    if (resume_flow && !flow_fits(make_schedule(kind, P, M, sched_updates), ws, st.step - base_step)) {
+    if (resume_flow && !flow_fits(make_schedule(kind, P, M, sched_updates, cfg.pipeline.extra_inflight), ws, st.step - base_step)) {
       // This train.steps would change the checkpoint's schedule before its in-flight
       // micro-batches finish: run that schedule to its end (its drain, as the run that wrote the
       // checkpoint would have ended), then start a new one.
       sched_updates = flow_state.schedule_updates;
-      if (!flow_fits(make_schedule(kind, P, M, sched_updates), ws, st.step - base_step))
+      if (!flow_fits(make_schedule(kind, P, M, sched_updates, cfg.pipeline.extra_inflight), ws, st.step - base_step))
         throw Error(ckpt_dir + ": its in-flight micro-batches do not match its own schedule (damaged flow state)");
       progress.message("note: finishing the checkpoint's schedule (to step " +
                        std::to_string(base_step + sched_updates) + ") before the pipeline refills for train.steps = " +
@@ -800,7 +832,7 @@ TrainResult train(const Config& user_cfg, const TrainOptions& opt) {
                   " stages is too long an async-1f1b schedule for one run (" +
                   std::to_string(static_cast<long long>(3.0 * static_cast<double>(sched_updates) * P)) +
                   " actions, at most " + std::to_string(static_cast<long long>(kMaxRunActions)) + ")");
-    const Schedule sched = make_schedule(kind, P, M, sched_updates);
+    const Schedule sched = make_schedule(kind, P, M, sched_updates, cfg.pipeline.extra_inflight);
     validate_schedule(sched);
     for (auto* w : mine) {
       w->clear_records();
