@@ -359,13 +359,13 @@ int main(int argc, char** argv) {
       std::signal(SIGPIPE, SIG_IGN);
       const Config cfg = load_config(config_path, overrides);
       const TrainResult r = train(cfg, topt);
+      if (mpi::rank() != 0) return 0;  // rank 0 reports for the whole pipeline
       if (r.already_finished) {
         std::printf("done: the run in %s had already reached train.steps = %lld; nothing to do "
                     "(raise train.steps to continue it) | checkpoint %s\n",
                     cfg.out.dir.c_str(), static_cast<long long>(r.steps), r.checkpoint.c_str());
         return 0;
       }
-      if (mpi::rank() != 0) return 0;  // rank 0 reports for the whole pipeline
       std::printf("done: %lld steps | train loss %.4f", static_cast<long long>(r.steps), r.last_loss);
       if (r.val_loss >= 0) std::printf(" | val loss %.4f | val ppl %.2f", r.val_loss, r.val_ppl);
       std::printf(" | %.0f tok/s overall | checkpoint %s\n", r.tokens_per_s, r.checkpoint.c_str());

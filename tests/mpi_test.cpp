@@ -158,6 +158,10 @@ TEST_F(Mpi, BadLaunchesFailWithOneLineOnEveryRank) {
   EXPECT_EQ(n, 3u) << r.err;
   // Not launched by mpirun.
   expect_error("train -q " + cfg() + " --set pipeline.engine=mpi", "needs an MPI launcher");
+  // Launched by mpirun without the mpi engine: refused on every rank (not two trainers racing).
+  r = mpi(2, "train -q " + cfg() + " --set pipeline.engine=threads --set out.dir=" + (dir_ / "z").string());
+  EXPECT_NE(r.code, 0);
+  EXPECT_THAT(r.err, HasSubstr("started by an MPI launcher with 2 ranks, but pipeline.engine = \"threads\""));
   // One rank with another config (MPMD launch): every rank names it.
   const std::string base = std::string(PIPENAG_BINARY) + " train -q " + cfg() + " --set pipeline.engine=mpi --set out.dir=" +
                            (dir_ / "y").string();

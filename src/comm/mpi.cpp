@@ -19,6 +19,15 @@ bool launched_by_mpi() {
   return false;
 }
 
+int launcher_size() {
+  for (const char* v : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS"})
+    if (const char* s = std::getenv(v)) {
+      const int n = std::atoi(s);
+      if (n > 0) return n;
+    }
+  return 1;
+}
+
 #ifndef PIPENAG_WITH_MPI
 
 namespace {

@@ -31,6 +31,8 @@ struct AgreedError : Error {
 bool built_with_mpi();
 // The process was started by an MPI launcher (mpirun, mpiexec, srun with PMI/PMIx).
 bool launched_by_mpi();
+// The number of ranks the launcher says it started (its environment; 1 when it says nothing).
+int launcher_size();
 // Initialises MPI once (Error when the build has none or the launcher did not start us).
 void init();
 bool initialized();

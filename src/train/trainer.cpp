@@ -236,7 +236,7 @@ double eval_loss_mpi(StageWorker& w, int P, const TokenLoader& val, int batches,
   double sum = 0.0, count = 0.0;
   constexpr int kTag = 7;
   for (int i = 0; i < batches; ++i) {
-    val.batch(i, x.data(), y.data());
+    if (k == 0 || k + 1 == P) val.batch(i, x.data(), y.data());  // tokens first, targets last
     if (k > 0) mpi::recv(k - 1, kTag, in.data(), in.size() * sizeof(float), timeout_s);
     UnitContext ctx;
     ctx.training = false;
@@ -520,6 +520,10 @@ TrainResult train(const Config& user_cfg, const TrainOptions& opt) {
   // so that all ranks stop with the same line instead of waiting for each other.
   const bool dist = engine == EngineKind::Mpi;
   const double peer_timeout = user_cfg.pipeline.peer_timeout_s;
+  if (!dist && mpi::launched_by_mpi() && mpi::launcher_size() > 1)
+    throw Error("started by an MPI launcher with " + std::to_string(mpi::launcher_size()) +
+                " ranks, but pipeline.engine = \"" + user_cfg.pipeline.engine +
+                "\": set pipeline.engine = \"mpi\" (one stage per rank), or run one process");
   if (dist) mpi_startup(user_cfg);
   const int rank = dist ? mpi::rank() : 0;
   const bool root = rank == 0;
