@@ -98,7 +98,9 @@ class Mailbox {
         if (it->mb != mb) continue;
         if (it->deliver > Clock::now()) {  // still on the emulated link
           if (!wait) return Got::NotYet;
-          cv_.wait_until(l, it->deliver);
+          // A copy: the wait releases the lock, and a put may move the messages meanwhile.
+          const Clock::time_point until = it->deliver;
+          cv_.wait_until(l, until);
           early = true;
           break;
         }
