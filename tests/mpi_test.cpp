@@ -263,9 +263,22 @@ TEST_F(Mpi, KilledRankEndsTheJobAndTheLastCheckpointStaysIntact) {
 }
 
 TEST_F(Mpi, StalledRankIsNamedWithinThePeerTimeout) {
-  // Checkpoints far apart, so that rank 1 stops inside the flow rather than in a checkpoint.
-  const pid_t job = start_mpi_run(dir_, 2, "--set pipeline.peer_timeout_s=2 --set train.checkpoint_every=60");
-  wait_for_checkpoint(dir_ / "lost" / "checkpoint", 60);
+  // A checkpoint at step 4, then a resumed run with no other checkpoint or evaluation before its
+  // end: one window, so a rank stopped while it goes is waited for inside the flow.
+  ASSERT_EQ(mpi(2, "train -q " + cfg() + " --set pipeline.engine=mpi --set train.steps=4 --set out.dir=" +
+                       (dir_ / "lost").string()).code,
+            0);
+  const pid_t job = start_mpi_run(dir_, 2, "--resume --set pipeline.peer_timeout_s=2 --set train.checkpoint_every=0");
+  // Rank 0 writes a metrics line per update: wait until the run is well under way.
+  for (int i = 0; i < 600; ++i) {
+    std::string m;
+    try {
+      m = slurp(dir_ / "lost" / "metrics.jsonl");
+    } catch (...) {
+    }
+    if (std::count(m.begin(), m.end(), '\n') >= 40) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
   const pid_t victim = rank_pid(dir_ / "lost", 1);
   ASSERT_GT(victim, 0);
   ASSERT_EQ(::kill(victim, SIGSTOP), 0);

@@ -1,6 +1,7 @@
 #include "comm/mpi.h"
 
 #include <algorithm>
+#include <climits>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
@@ -161,16 +162,19 @@ void barrier(double timeout_s, const std::string& what) {
 }
 
 std::vector<std::string> allgather(const std::string& mine, double timeout_s, const std::string& what) {
+  if (mine.size() > static_cast<size_t>(INT_MAX) / static_cast<size_t>(g_size))
+    throw Error(what + ": " + std::to_string(mine.size()) + " bytes from one rank, more than MPI gathers at once");
   int len = static_cast<int>(mine.size());
   std::vector<int> lens(static_cast<size_t>(g_size));
   MPI_Request r;
   check(MPI_Iallgather(&len, 1, MPI_INT, lens.data(), 1, MPI_INT, g_aux, &r), "MPI_Iallgather");
   wait_for(r, timeout_s, what);
   std::vector<int> offs(static_cast<size_t>(g_size), 0);
-  int total = 0;
+  int64_t total = 0;
   for (int i = 0; i < g_size; ++i) {
-    offs[static_cast<size_t>(i)] = total;
+    offs[static_cast<size_t>(i)] = static_cast<int>(total);
     total += lens[static_cast<size_t>(i)];
+    if (total > INT_MAX) throw Error(what + ": more than 2 GiB gathered from all ranks at once");
   }
   std::string all(static_cast<size_t>(total), '\0');
   check(MPI_Iallgatherv(mine.data(), len, MPI_CHAR, all.data(), lens.data(), offs.data(), MPI_CHAR, g_aux, &r),
@@ -184,6 +188,7 @@ std::vector<std::string> allgather(const std::string& mine, double timeout_s, co
 }
 
 std::string broadcast(const std::string& s, int root, double timeout_s, const std::string& what) {
+  if (s.size() > static_cast<size_t>(INT_MAX)) throw Error(what + ": more than 2 GiB to broadcast");
   int64_t len = static_cast<int64_t>(s.size());
   MPI_Request r;
   check(MPI_Ibcast(&len, 1, MPI_INT64_T, root, g_aux, &r), "MPI_Ibcast");
@@ -222,12 +227,14 @@ void agree(const std::function<void()>& f, double timeout_s, const std::string& 
 }
 
 void send(int to, int tag, const void* data, size_t bytes, double timeout_s) {
+  if (bytes > static_cast<size_t>(INT_MAX)) throw Error("MPI: a message of " + std::to_string(bytes) + " bytes (at most 2 GiB)");
   MPI_Request r;
   check(MPI_Isend(data, static_cast<int>(bytes), MPI_BYTE, to, tag, g_aux, &r), "MPI_Isend");
   wait_for(r, timeout_s, "sending to rank " + std::to_string(to));
 }
 
 void recv(int from, int tag, void* data, size_t bytes, double timeout_s) {
+  if (bytes > static_cast<size_t>(INT_MAX)) throw Error("MPI: a message of " + std::to_string(bytes) + " bytes (at most 2 GiB)");
   MPI_Request r;
   check(MPI_Irecv(data, static_cast<int>(bytes), MPI_BYTE, from, tag, g_aux, &r), "MPI_Irecv");
   wait_for(r, timeout_s, "waiting for rank " + std::to_string(from));
@@ -266,10 +273,11 @@ struct Links::Impl {
     check(MPI_Irecv(r.bufs[i].data(), count, type, r.from, MPI_ANY_TAG, comm, &r.reqs[i]), "MPI_Irecv");
   }
 
-  void isend(int to, int tag, std::vector<char>&& buf, size_t n, MPI_Comm comm) {
+  // `count` elements of `type` from buf (bytes for everything but the reports).
+  void isend(int to, int tag, std::vector<char>&& buf, size_t count, MPI_Comm comm, MPI_Datatype type = MPI_BYTE) {
     sends.push_back({MPI_REQUEST_NULL, std::move(buf), to});
     Pending& p = sends.back();
-    check(MPI_Isend(p.buf.data(), static_cast<int>(n), MPI_BYTE, to, tag, comm, &p.req), "MPI_Isend");
+    check(MPI_Isend(p.buf.data(), static_cast<int>(count), type, to, tag, comm, &p.req), "MPI_Isend");
   }
 
   std::vector<char> send_buffer(size_t n) {
@@ -300,6 +308,11 @@ Links::Links(size_t floats, int report_doubles) : impl_(new Impl) {
   Impl& m = *impl_;
   m.floats = floats;
   m.bytes = kHeader + floats * sizeof(float);
+  if (m.bytes > static_cast<size_t>(INT_MAX)) {
+    delete impl_;
+    throw Error("mpi engine: an activation of " + std::to_string(floats * sizeof(float)) +
+                " bytes is more than one MPI message carries here (2 GiB); lower train.batch_size");
+  }
   m.report_doubles = report_doubles;
   for (int nb : {g_rank - 1, g_rank + 1}) {
     if (nb < 0 || nb >= g_size) continue;
@@ -321,18 +334,35 @@ Links::Links(size_t floats, int report_doubles) : impl_(new Impl) {
 }
 
 Links::~Links() {
-  // Receives still posted (the run ended or failed) are cancelled; sends are left to MPI.
+  // Receives still posted are cancelled and completed before their buffers go. Sends still
+  // pending (only after a failure; a window ends with every send done) may still read their
+  // buffers: those are kept until the process ends.
+  static std::vector<std::vector<char>> kept;
   auto cancel = [](Impl::Ring& r) {
-    for (auto& q : r.reqs)
-      if (q != MPI_REQUEST_NULL) {
-        MPI_Cancel(&q);
-        MPI_Request_free(&q);
+    for (size_t i = 0; i < r.reqs.size(); ++i) {
+      MPI_Request& q = r.reqs[i];
+      if (q == MPI_REQUEST_NULL) continue;
+      MPI_Cancel(&q);
+      // A receive already matched to a message from a failed peer may never complete: give it
+      // a moment, then leave it (and its buffer) to the process's end.
+      int done = 0;
+      for (int t = 0; t < 100 && !done; ++t) {
+        MPI_Test(&q, &done, MPI_STATUS_IGNORE);
+        if (!done) std::this_thread::sleep_for(std::chrono::milliseconds(1));
       }
+      if (!done) {
+        MPI_Request_free(&q);
+        kept.push_back(std::move(r.bufs[i]));
+      }
+    }
   };
   for (auto& r : impl_->rings) cancel(r);
   if (impl_->has_reports) cancel(impl_->reports);
   for (auto& p : impl_->sends)
-    if (p.req != MPI_REQUEST_NULL) MPI_Request_free(&p.req);
+    if (p.req != MPI_REQUEST_NULL) {
+      MPI_Request_free(&p.req);
+      kept.push_back(std::move(p.buf));
+    }
   delete impl_;
 }
 
@@ -363,8 +393,7 @@ void Links::send_report(const std::vector<double>& values) {
   if (g_size == 1) return;
   std::vector<char> b = impl_->send_buffer(values.size() * sizeof(double));
   std::memcpy(b.data(), values.data(), b.size());
-  const size_t n = b.size();
-  impl_->isend(0, 0, std::move(b), n, g_report);
+  impl_->isend(0, 0, std::move(b), values.size(), g_report, MPI_DOUBLE);
 }
 
 void Links::give_back(std::vector<float>&& buf) { impl_->float_pool.push_back(std::move(buf)); }

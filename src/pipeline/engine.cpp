@@ -518,10 +518,13 @@ class Run final : public RunMonitor {
         stop_decided_ = true;
         const int64_t soon = w.version() + (s_.asynchronous() ? s_.stages + s_.extra_inflight : 1);
         int64_t cur = stop_version_.load();
+        const bool lowers = soon < cur;
         while (soon < cur && !stop_version_.compare_exchange_weak(cur, soon)) {
         }
-        // Other ranks learn it down the chain, ahead of any message that could take them past it.
-        if (opt_.kind == EngineKind::Mpi && s_.stages > 1) links_->send_stop(1, stop_version_.load());
+        // Other ranks learn it down the chain, ahead of any message that could take them past it
+        // (only when it ends this window earlier: a stop that changes nothing is not sent, so no
+        // stale one can reach a rank in a later window).
+        if (lowers && opt_.kind == EngineKind::Mpi && s_.stages > 1) links_->send_stop(1, soon);
       }
       if (w.version() >= stop_version_.load()) done_[ks] = 1;
     }
@@ -551,10 +554,11 @@ class Run final : public RunMonitor {
         (e.from < k ? marker_prev_ : marker_next_) = true;
       } else {
         pause_received_ = true;
-        int64_t cur = stop_version_.load();
-        if (e.value < cur) stop_version_.store(e.value);
-        if (k + 1 < s_.stages) links_->send_stop(k + 1, stop_version_.load());
-        if (w_[static_cast<size_t>(k)]->version() >= stop_version_.load()) done_[static_cast<size_t>(k)] = 1;
+        if (e.value < stop_version_.load()) {
+          stop_version_.store(e.value);
+          if (k + 1 < s_.stages) links_->send_stop(k + 1, e.value);
+          if (w_[static_cast<size_t>(k)]->version() >= e.value) done_[static_cast<size_t>(k)] = 1;
+        }
       }
     }
     for (const auto& v : reports_in_)

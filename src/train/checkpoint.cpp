@@ -9,6 +9,8 @@
 #include <cmath>
 #include <cstring>
 #include <filesystem>
+#include <set>
+#include <fstream>
 #include <memory>
 #include <nlohmann/json.hpp>
 
@@ -286,6 +288,7 @@ void save_checkpoint_sharded(const std::string& dir, const Config& cfg, const St
   const int k = mpi::rank(), P = mpi::size();
   const std::string tmp = dir + ".tmp." + mpi::broadcast(std::to_string(::getpid()), 0, timeout_s, "checkpoint");
   std::error_code ec;
+  try {
   mpi::agree([&] {
     if (k != 0) return;
     fs::remove_all(tmp, ec);
@@ -323,14 +326,14 @@ void save_checkpoint_sharded(const std::string& dir, const Config& cfg, const St
     const nlohmann::json flow_json = {{"base_step", flow.base_step}, {"base_position", flow.base_position},
                                       {"schedule_updates", flow.schedule_updates}, {"stages", stages},
                                       {"messages", msgs}};
-    try {
-      finish_checkpoint(dir, tmp, cfg, st, part.opt, mine.at("optimizer_step").get<int64_t>(), files, scalars,
-                        flow_json);
-    } catch (...) {
-      fs::remove_all(tmp, ec);
-      throw;
-    }
+    finish_checkpoint(dir, tmp, cfg, st, part.opt, mine.at("optimizer_step").get<int64_t>(), files, scalars,
+                      flow_json);
   }, timeout_s, "checkpoint: writing the manifest");
+  } catch (const mpi::AgreedError&) {
+    // Every rank knows; the half-written folder goes (the previous checkpoint is untouched).
+    if (k == 0) fs::remove_all(tmp, ec);
+    throw;
+  }
 }
 
 namespace {
@@ -412,13 +415,15 @@ class Tensors {
       return (a == "model.safetensors") > (b == "model.safetensors");
     });
     files_.resize(names_.size());
+    headers_.resize(names_.size());
   }
   const SafetensorsFile& find(const std::string& tensor) {
     for (size_t i = 0; i < names_.size(); ++i) {
       if (!files_[i]) {
-        const std::string path = dir_ + "/" + names_[i];
-        if (!fs::exists(path))
-          throw Error(dir_ + "/state.json names " + names_[i] + ", which is missing (an incomplete checkpoint)");
+        // Only the header is read to see what a file holds; the whole file is read and its
+        // checksum verified when a tensor is taken from it.
+        if (headers_[i].empty()) headers_[i] = header_names(dir_ + "/" + names_[i], names_[i]);
+        if (!headers_[i].count(tensor)) continue;
         files_[i] = std::make_unique<SafetensorsFile>(open_checked(dir_, names_[i], state_));
       }
       if (files_[i]->has(tensor)) return *files_[i];
@@ -432,6 +437,34 @@ class Tensors {
   const nlohmann::json& state_;
   std::vector<std::string> names_;
   std::vector<std::unique_ptr<SafetensorsFile>> files_;
+  std::vector<std::set<std::string>> headers_;
+
+  // The tensor names in a safetensors file's header (a damaged header: the full open says why).
+  std::set<std::string> header_names(const std::string& path, const std::string& name) const {
+    if (!fs::exists(path))
+      throw Error(dir_ + "/state.json names " + name + ", which is missing (an incomplete checkpoint)");
+    std::set<std::string> out;
+    try {
+      std::ifstream in(path, std::ios::binary);
+      unsigned char len[8] = {};
+      in.read(reinterpret_cast<char*>(len), 8);
+      uint64_t n = 0;
+      for (int i = 0; i < 8; ++i) n |= static_cast<uint64_t>(len[i]) << (8 * i);
+      if (in && n > 0 && n < (uint64_t{1} << 30)) {
+        std::string header(n, '\0');
+        in.read(header.data(), static_cast<std::streamsize>(n));
+        if (in) {
+          const nlohmann::json j = nlohmann::json::parse(header);  // (kept alive through the loop)
+          for (const auto& [key, value] : j.items())
+            if (key != "__metadata__") out.insert(key);
+        }
+      }
+    } catch (const std::exception&) {
+    }
+    if (out.empty()) SafetensorsFile::open(path);  // names the damage
+    if (out.empty()) out.insert("");  // an empty file: looked at once
+    return out;
+  }
 };
 
 // The stage a part is (its worker's index; else its position).

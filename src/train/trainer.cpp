@@ -255,9 +255,7 @@ double eval_loss_mpi(StageWorker& w, int P, const TokenLoader& val, int batches,
 void mpi_startup(const Config& cfg) {
   mpi::init();
   const int n = mpi::size(), P = cfg.pipeline.stages;
-  if (n != P)
-    throw mpi::AgreedError("rank " + std::to_string(mpi::rank()) + ": " + std::to_string(n) + " MPI ranks for pipeline.stages = " +
-                           std::to_string(P) + " (the mpi engine runs one stage per rank: mpirun -np " + std::to_string(P) + ")");
+  // The configs first (ranks given different pipeline.stages must not disagree on what follows).
   const nlohmann::json mine = {{"version", PIPENAG_VERSION_TEXT}, {"config", config_to_json(cfg)}};
   const std::vector<std::string> all = mpi::allgather(mine.dump(), cfg.pipeline.peer_timeout_s, "start-up checks");
   const nlohmann::json zero = nlohmann::json::parse(all[0]);
@@ -280,6 +278,9 @@ void mpi_startup(const Config& cfg) {
                                  " on rank 0");
     }
   }
+  if (n != P)
+    throw mpi::AgreedError("rank " + std::to_string(mpi::rank()) + ": " + std::to_string(n) + " MPI ranks for pipeline.stages = " +
+                           std::to_string(P) + " (the mpi engine runs one stage per rank: mpirun -np " + std::to_string(P) + ")");
 }
 
 }  // namespace
@@ -520,6 +521,8 @@ TrainResult train(const Config& user_cfg, const TrainOptions& opt) {
   // so that all ranks stop with the same line instead of waiting for each other.
   const bool dist = engine == EngineKind::Mpi;
   const double peer_timeout = user_cfg.pipeline.peer_timeout_s;
+  // Steps that read or write checkpoint files wait longer for the slowest rank's disk.
+  const double io_timeout = std::max(10 * peer_timeout, 600.0);
   if (!dist && mpi::launched_by_mpi() && mpi::launcher_size() > 1)
     throw Error("started by an MPI launcher with " + std::to_string(mpi::launcher_size()) +
                 " ranks, but pipeline.engine = \"" + user_cfg.pipeline.engine +
@@ -628,7 +631,7 @@ TrainResult train(const Config& user_cfg, const TrainOptions& opt) {
     } else {
       for (auto* w : mine) w->stage().init_params(cfg.model.seed);
     }
-  });
+  }, io_timeout);
   if (!flow_state.reshard.empty()) {
     std::string delays;
     for (int k = 0; k < P; ++k) delays += (k ? ", " : "") + std::to_string(stage_delay(kind, P, k, cfg.pipeline.extra_inflight));
@@ -636,11 +639,16 @@ TrainResult train(const Config& user_cfg, const TrainOptions& opt) {
                     "delays tau_k now " + delays);
   }
   for (auto* w : mine) w->set_version(st.step);
+  // (Every rank meets these alike: mpi ranks stop together.)
+  const auto fail = [&](const std::string& msg) {
+    if (dist) throw mpi::AgreedError(msg);
+    throw Error(msg);
+  };
   if (opt.resume && st.step > cfg.train.steps)
-    throw Error(ckpt_dir + " is at step " + std::to_string(st.step) + ", beyond train.steps = " +
+    fail(ckpt_dir + " is at step " + std::to_string(st.step) + ", beyond train.steps = " +
                 std::to_string(cfg.train.steps) + " (raise train.steps to continue it)");
   if (opt.resume && opt.stop_at >= 0 && opt.stop_at <= st.step && st.step < cfg.train.steps)
-    throw Error("--stop-at " + std::to_string(opt.stop_at) + " is not after the checkpoint's step " +
+    fail("--stop-at " + std::to_string(opt.stop_at) + " is not after the checkpoint's step " +
                 std::to_string(st.step));
   TrainResult res;
   if (opt.resume && st.step == cfg.train.steps) {
@@ -820,13 +828,21 @@ TrainResult train(const Config& user_cfg, const TrainOptions& opt) {
   for (;;) {
     int64_t sched_updates = cfg.train.steps - base_step;
     if (kind != ScheduleKind::Async1F1B) sched_updates = std::min(sched_updates, kSyncLeg);
-    if (resume_flow && !flow_fits(make_schedule(kind, P, M, sched_updates, cfg.pipeline.extra_inflight), ws, st.step - base_step)) {
+    // mpi: each rank checks its own stage; all must agree.
+    const auto fits = [&](int64_t updates) {
+      bool f = flow_fits(make_schedule(kind, P, M, updates, cfg.pipeline.extra_inflight), ws, st.step - base_step);
+      if (dist)
+        for (double ok : mpi::allgather(std::vector<double>{f ? 1.0 : 0.0}, peer_timeout, "checking the flow"))
+          f = f && ok > 0;
+      return f;
+    };
+    if (resume_flow && !fits(sched_updates)) {
       // This train.steps would change the checkpoint's schedule before its in-flight
       // micro-batches finish: run that schedule to its end (its drain, as the run that wrote the
       // checkpoint would have ended), then start a new one.
       sched_updates = flow_state.schedule_updates;
-      if (!flow_fits(make_schedule(kind, P, M, sched_updates, cfg.pipeline.extra_inflight), ws, st.step - base_step))
-        throw Error(ckpt_dir + ": its in-flight micro-batches do not match its own schedule (damaged flow state)");
+      if (!fits(sched_updates))
+        fail(ckpt_dir + ": its in-flight micro-batches do not match its own schedule (damaged flow state)");
       progress.message("note: finishing the checkpoint's schedule (to step " +
                        std::to_string(base_step + sched_updates) + ") before the pipeline refills for train.steps = " +
                        std::to_string(cfg.train.steps));
@@ -853,7 +869,7 @@ TrainResult train(const Config& user_cfg, const TrainOptions& opt) {
       fs.base_position = base_pos;
       fs.schedule_updates = sched_updates;
       fs.messages = flow.messages();
-      if (dist) save_checkpoint_sharded(ckpt_dir, cfg, parts.front(), st, fs, peer_timeout);
+      if (dist) save_checkpoint_sharded(ckpt_dir, cfg, parts.front(), st, fs, io_timeout);
       else save_checkpoint(ckpt_dir, cfg, parts, st, &fs);
       res.checkpoint = ckpt_dir;
     };
