@@ -119,7 +119,7 @@ def main():
     r = sh([BIN, "train", "--force", "--config", "configs/default.toml", "--set", f"data.dir={out}/data",
             "--set", f"out.dir={out}/auto", "--set", "train.steps=1", "--set", "train.eval_every=0",
             "--set", f"pipeline.stages={P}", "--set", "pipeline.partition=auto"])
-    blocks = re.search(r"partition auto: blocks ([0-9,]+)", r.stdout + r.stderr).group(1)
+    blocks = re.search(r"partition auto: blocks ([0-9,]+)", r.stdout + r.stderr).group(1).strip(",")
     partition = "[" + blocks + "]"
 
     scale = 1 if a.quick else 2
@@ -201,11 +201,13 @@ def main():
     for panel, (mbps, name) in enumerate(((10000, "10 Gbit/s"), (100, "100 Mbit/s"))):
         plot.append(f"set title '{P} stages, {name}: measured (lines), predicted (dashed)'")
         cmds = []
+        colours = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"]
         for i, (m, label) in enumerate(labels):
             if m != mbps:
                 continue
-            cmds.append(f"'{dat}' index {i} using 1:2 with linespoints lw 2 lc {len(cmds) + 1} title '{label}'")
-            cmds.append(f"'{dat}' index {i} using 1:3 with lines dt 2 lc {len(cmds)} notitle")
+            c = colours[(len(cmds) // 2) % len(colours)]
+            cmds.append(f"'{dat}' index {i} using 1:2 with linespoints lw 2 lc rgb '{c}' title '{label}'")
+            cmds.append(f"'{dat}' index {i} using 1:3 with lines dt 2 lc rgb '{c}' notitle")
         plot.append("plot " + ", ".join(cmds))
     plot.append("unset multiplot")
     subprocess.run(["gnuplot"], input="\n".join(plot) + "\n", text=True, check=True)

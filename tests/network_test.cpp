@@ -142,8 +142,8 @@ namespace {
 
 using namespace pipenag;
 
-// pipeline.extra_inflight = E: E more warm-up forwards on every stage of async-1f1b, so every
-// backward enters an update tau_k + E = P-1-k+E updates after its forward's weights.
+// pipeline.extra_inflight = E: 1+E micro-batches in flight across every boundary of async-1f1b,
+// so every backward enters an update tau_k = (P-1-k)(1+E) updates after its forward's weights.
 TEST(ExtraInflight, RaisesEveryStagesDelayAndSlotsByE) {
   for (int P : {2, 3}) {
     for (int E : {0, 1, 3}) {
@@ -152,12 +152,13 @@ TEST(ExtraInflight, RaisesEveryStagesDelayAndSlotsByE) {
       const Versions v = schedule_versions(s);
       const std::vector<int> slots = max_in_flight(s);
       for (int k = 0; k < P; ++k) {
-        EXPECT_EQ(stage_delay(ScheduleKind::Async1F1B, P, k, E), P - 1 - k + E);
-        EXPECT_EQ(slots[static_cast<size_t>(k)], P - k + E) << "P=" << P << " E=" << E << " k=" << k;
-        for (int64_t mb = P + E; mb < 24 - (P + E); ++mb)
+        const int tau = (P - 1 - k) * (1 + E);
+        EXPECT_EQ(stage_delay(ScheduleKind::Async1F1B, P, k, E), tau);
+        EXPECT_EQ(slots[static_cast<size_t>(k)], tau + 1) << "P=" << P << " E=" << E << " k=" << k;
+        for (int64_t mb = (P - 1) * (1 + E) + 1; mb < 24 - (P - 1) * (1 + E) - 1; ++mb)
           EXPECT_EQ(v.backward[static_cast<size_t>(k)][static_cast<size_t>(mb)] -
                         v.forward[static_cast<size_t>(k)][static_cast<size_t>(mb)],
-                    P - 1 - k + E)
+                    tau)
               << "P=" << P << " E=" << E << " k=" << k << " mb=" << mb;
       }
     }

@@ -78,7 +78,7 @@ struct PipelineConfig {
   std::vector<double> link_bandwidth_mbps{0.0};  // megabits/s; 0: unlimited
   std::vector<double> stage_slowdown{1.0};       // >= 1: compute as if this many times slower
   double peer_timeout_s = 60;                    // mpi: a rank silent this long is lost
-  int extra_inflight = 0;  // async-1f1b: E more micro-batches in flight per stage (delay tau_k + E)
+  int extra_inflight = 0;  // async-1f1b: E more in flight per boundary (tau_k = (P-1-k)(1+E))
 };
 
 // The optimizer every stage runs, and the staleness corrections (PAPER.md sections 2, 3).

@@ -516,7 +516,8 @@ class Run final : public RunMonitor {
         // of stage 0 in async-1f1b (it needs stage 0's forwards), and no stage is ahead in the
         // synchronous schedules.
         stop_decided_ = true;
-        const int64_t soon = w.version() + (s_.asynchronous() ? s_.stages + s_.extra_inflight : 1);
+        const int64_t soon =
+            w.version() + (s_.asynchronous() ? stage_delay(s_.kind, s_.stages, 0, s_.extra_inflight) + 1 : 1);
         int64_t cur = stop_version_.load();
         const bool lowers = soon < cur;
         while (soon < cur && !stop_version_.compare_exchange_weak(cur, soon)) {

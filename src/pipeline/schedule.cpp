@@ -73,7 +73,7 @@ Schedule make_async_1f1b(int P, int64_t updates, int extra) {
   s.extra_inflight = extra;
   for (int k = 0; k < P; ++k) {
     auto& list = s.actions[static_cast<size_t>(k)];
-    const int64_t warm = std::min<int64_t>(updates, P - 1 - k + extra);
+    const int64_t warm = std::min<int64_t>(updates, static_cast<int64_t>(P - 1 - k) * (1 + extra));
     for (int64_t j = 0; j < warm; ++j) list.push_back({Op::Forward, j});
     for (int64_t j = 0; j < updates; ++j) {
       if (j + warm < updates) list.push_back({Op::Forward, j + warm});
@@ -113,7 +113,7 @@ ScheduleKind parse_schedule_kind(std::string_view name) {
 }
 
 int stage_delay(ScheduleKind kind, int P, int k, int extra) {
-  return kind == ScheduleKind::Async1F1B ? P - 1 - k + extra : 0;
+  return kind == ScheduleKind::Async1F1B ? (P - 1 - k) * (1 + extra) : 0;
 }
 
 void validate_schedule(const Schedule& s) {

@@ -42,8 +42,10 @@ Schedule make_gpipe(int P, int M, int64_t updates);
 Schedule make_1f1b(int P, int M, int64_t updates);
 // async-1f1b (PipeDream): stage k runs P-1-k warm-up forwards, then Forward, Backward, Step per
 // micro-batch, and drains at the end. One micro-batch per update, no flush until the end.
-// `extra` (pipeline.extra_inflight) E more warm-up forwards: P-1-k+E micro-batches in flight,
-// which hides link latency at the cost of E more updates of delay on every stage.
+// `extra` (pipeline.extra_inflight) E more micro-batches in flight across every stage boundary:
+// stage k warms up with (P-1-k)(1+E) forwards, so 1+E activations separate it from stage k+1 and
+// a message may take 1+E steps to cross; the delay grows to tau_k = (P-1-k)(1+E). (E more on
+// every stage alike would not help: each boundary would still carry one, see ARCHITECTURE.md.)
 Schedule make_async_1f1b(int P, int64_t updates, int extra = 0);
 // `extra` applies to async-1f1b only (Error for the synchronous schedules when > 0).
 Schedule make_schedule(ScheduleKind kind, int P, int M, int64_t updates, int extra = 0);
@@ -52,7 +54,7 @@ Schedule make_schedule(ScheduleKind kind, int P, int M, int64_t updates, int ext
 std::string_view schedule_name(ScheduleKind kind);
 ScheduleKind parse_schedule_kind(std::string_view name);
 
-// The gradient delay of stage k: tau_k = P-1-k+E for async-1f1b, 0 for the synchronous schedules.
+// The gradient delay of stage k: tau_k = (P-1-k)(1+E) for async-1f1b, 0 for the synchronous ones.
 int stage_delay(ScheduleKind kind, int P, int k, int extra = 0);
 
 // Throws Error naming the first violation: an action list per stage; ids in range; every

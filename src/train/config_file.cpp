@@ -58,7 +58,7 @@ const std::vector<ConfigKey> kKeys = {
     PIPENAG_CONFIG_KEY(pipeline, link_latency_ms, "emulated latency of each message, ms: one value or one per stage boundary (timing only)"),
     PIPENAG_CONFIG_KEY(pipeline, link_bandwidth_mbps, "emulated link bandwidth, Mbit/s (0: unlimited): one value or one per boundary"),
     PIPENAG_CONFIG_KEY(pipeline, stage_slowdown, "each stage computes as if this many times slower (>= 1): one value or one per stage"),
-    PIPENAG_CONFIG_KEY(pipeline, extra_inflight, "async-1f1b: E more micro-batches in flight on every stage, hiding link latency (delay tau_k + E)"),
+    PIPENAG_CONFIG_KEY(pipeline, extra_inflight, "async-1f1b: E more micro-batches in flight across every stage boundary, hiding link latency (delay tau_k = (P-1-k)(1+E))"),
     PIPENAG_CONFIG_KEY(pipeline, peer_timeout_s, "mpi: a rank that sends nothing for this long is lost; every rank stops"),
     PIPENAG_CONFIG_KEY(optim, name, "sgd | nag | adamw | nadamw | nag-delay"),
     PIPENAG_CONFIG_KEY(optim, beta1, "momentum (sgd, nag) or first-moment decay (adamw, nadamw)"),
@@ -580,6 +580,9 @@ void validate(const Config& cfg) {
       " (a stage can be emulated slower, not faster)");
   if (p.extra_inflight < 0 || p.extra_inflight > 10000000)
     invalid("pipeline.extra_inflight must be between 0 and 10000000, got " + std::to_string(p.extra_inflight));
+  if (static_cast<int64_t>(p.stages - 1) * (1 + static_cast<int64_t>(p.extra_inflight)) > 10000000)
+    invalid("pipeline.extra_inflight = " + std::to_string(p.extra_inflight) + " with " + std::to_string(p.stages) +
+            " stages keeps (P-1)(1+E) micro-batches in flight on stage 0: at most 10000000");
   if (p.extra_inflight > 0 && p.schedule != "async-1f1b")
     invalid("pipeline.extra_inflight applies to async-1f1b only; \"" + p.schedule + "\" flushes every update");
   if (!(p.peer_timeout_s > 0)) invalid("pipeline.peer_timeout_s must be > 0, got " + format_double(p.peer_timeout_s));
