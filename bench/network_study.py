@@ -151,7 +151,7 @@ def main():
                 tps, util, ptps, putil, costs = run(out, name, kind, m, updates, E, latency, mbps, partition)
                 rows.append(dict(links=f"{latency} ms, {bw_name}", latency=latency, mbps=mbps, schedule=label, series=series,
                                  tps=tps, util=util, ptps=ptps, putil=putil, costs=costs,
-                                 delay=(P - 1 + E) if kind == "async-1f1b" else 0))
+                                 delay=(P - 1) * (1 + E) if kind == "async-1f1b" else 0))
                 print(f"{rows[-1]['links']:>22} | {label:<16} | {tps:8.0f} tok/s (predicted {ptps:8.0f}, "
                       f"{100 * (tps / ptps - 1):+5.1f}%) | util {util:5.1f}% (predicted {putil:5.1f}%)", flush=True)
     # One stage at 2x slowdown (async-1f1b, no link delay).
