@@ -296,6 +296,34 @@ TEST_F(Mpi, StalledRankIsNamedWithinThePeerTimeout) {
   EXPECT_EQ(e.code, 0) << e.err;
 }
 
+// Ctrl-C on mpirun: Open MPI passes the signal on to every rank; rank 0's decides, every rank saves
+// its stage at the same cut, and --resume continues the run.
+TEST_F(Mpi, SignalToMpirunSavesEveryStageAndResumes) {
+  const pid_t job = start_mpi_run(dir_, 2, "--set train.checkpoint_every=0");
+  for (int i = 0; i < 600; ++i) {
+    std::string m;
+    try {
+      m = slurp(dir_ / "lost" / "metrics.jsonl");
+    } catch (...) {
+    }
+    if (std::count(m.begin(), m.end(), '\n') >= 20) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  ASSERT_EQ(::kill(job, SIGINT), 0);
+  double took = 0;
+  const int status = wait_exit(job, 60, &took);
+  ASSERT_NE(status, -1) << "mpirun did not end after SIGINT";
+  EXPECT_THAT(slurp(dir_ / "bg.err"), HasSubstr("checkpoint saved to"));
+  const auto state = nlohmann::json::parse(slurp(dir_ / "lost" / "checkpoint" / "state.json"));
+  const int64_t step = state["step"].get<int64_t>();
+  ASSERT_GT(step, 0);
+  EXPECT_EQ(state["files"].size(), 2u) << "one file per stage";
+  const RunResult r = mpi(2, "train -q " + cfg() + " --set pipeline.engine=mpi --resume --set train.eval_every=0 "
+                             "--set train.steps=" + std::to_string(step + 4) + " --set out.dir=" + (dir_ / "lost").string());
+  EXPECT_EQ(r.code, 0) << r.err;
+  EXPECT_THAT(r.out, HasSubstr("done: " + std::to_string(step + 4) + " steps"));
+}
+
 // Two network namespaces joined by a veth pair stand in for two machines: rank 1 is launched in
 // the second namespace through Open MPI's rsh launcher (the "ssh" is `ip netns exec`), and the
 // stage traffic goes over TCP through the veth pair, a real network stack. Skipped where this

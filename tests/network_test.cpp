@@ -106,7 +106,9 @@ TEST_F(Network, EmulatedLinksAndSlowStagesChangeTimingNeverBits) {
                          " --set pipeline.engine=threads --set pipeline.link_latency_ms=30 "
                          "--set pipeline.link_bandwidth_mbps=[100] --set pipeline.stage_slowdown=[1,2] --set out.dir=" + slow);
   EXPECT_GT(t, 12 * 0.030) << "the emulated latency did not delay the run";
-  timed("train -q " + cfg() + " --set pipeline.engine=sequential --set pipeline.link_latency_ms=30 --set out.dir=" + seq);
+  // The sequential engine delays messages on its modelled timeline only (no real waiting), so a
+  // whole second per message costs nothing here.
+  timed("train -q " + cfg() + " --set pipeline.engine=sequential --set pipeline.link_latency_ms=1000 --set out.dir=" + seq);
   const auto a = tensors(fs::path(plain) / "checkpoint" / "model.safetensors");
   for (const std::string& other : {slow, seq}) {
     const auto b = tensors(fs::path(other) / "checkpoint" / "model.safetensors");
@@ -120,7 +122,7 @@ TEST_F(Network, EmulatedLinksAndSlowStagesChangeTimingNeverBits) {
   for (const auto& j : metrics(plain)) if (j.contains("bubble")) util_plain = j["utilization"];
   for (const auto& j : metrics(seq)) if (j.contains("bubble")) util_seq = j["utilization"];
   EXPECT_GT(util_plain, 0);
-  EXPECT_LT(util_seq, 0.5) << "30 ms links idle the stages of a model this small";
+  EXPECT_LT(util_seq, 0.2) << "1 s links idle the stages (modelled) whatever the speed of this machine";
 }
 
 TEST_F(Network, BadEmulationSettingsAreOneLine) {
