@@ -244,6 +244,19 @@ void wait_for_checkpoint(const fs::path& ckpt, int64_t step) {
   FAIL() << "no checkpoint at step " << step << " in " << ckpt;
 }
 
+// Waits (up to 30 s) until rank 0 has written `n` lines of <out>/metrics.jsonl: one per update.
+void wait_for_updates(const fs::path& out, long n) {
+  for (int i = 0; i < 600; ++i) {
+    std::string m;
+    try {
+      m = slurp(out / "metrics.jsonl");
+    } catch (...) {
+    }
+    if (std::count(m.begin(), m.end(), '\n') >= n) return;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+}
+
 TEST_F(Mpi, KilledRankEndsTheJobAndTheLastCheckpointStaysIntact) {
   const pid_t job = start_mpi_run(dir_, 2, "");
   wait_for_checkpoint(dir_ / "lost" / "checkpoint", 4);
@@ -270,15 +283,7 @@ TEST_F(Mpi, StalledRankIsNamedWithinThePeerTimeout) {
             0);
   const pid_t job = start_mpi_run(dir_, 2, "--resume --set pipeline.peer_timeout_s=2 --set train.checkpoint_every=0");
   // Rank 0 writes a metrics line per update: wait until the run is well under way.
-  for (int i = 0; i < 600; ++i) {
-    std::string m;
-    try {
-      m = slurp(dir_ / "lost" / "metrics.jsonl");
-    } catch (...) {
-    }
-    if (std::count(m.begin(), m.end(), '\n') >= 40) break;
-    std::this_thread::sleep_for(std::chrono::milliseconds(50));
-  }
+  wait_for_updates(dir_ / "lost", 40);
   const pid_t victim = rank_pid(dir_ / "lost", 1);
   ASSERT_GT(victim, 0);
   ASSERT_EQ(::kill(victim, SIGSTOP), 0);
@@ -300,15 +305,7 @@ TEST_F(Mpi, StalledRankIsNamedWithinThePeerTimeout) {
 // its stage at the same cut, and --resume continues the run.
 TEST_F(Mpi, SignalToMpirunSavesEveryStageAndResumes) {
   const pid_t job = start_mpi_run(dir_, 2, "--set train.checkpoint_every=0");
-  for (int i = 0; i < 600; ++i) {
-    std::string m;
-    try {
-      m = slurp(dir_ / "lost" / "metrics.jsonl");
-    } catch (...) {
-    }
-    if (std::count(m.begin(), m.end(), '\n') >= 20) break;
-    std::this_thread::sleep_for(std::chrono::milliseconds(50));
-  }
+  wait_for_updates(dir_ / "lost", 20);
   ASSERT_EQ(::kill(job, SIGINT), 0);
   double took = 0;
   const int status = wait_exit(job, 60, &took);
