@@ -30,6 +30,7 @@
 #include "train/bench.h"
 #include "train/checkpoint.h"
 #include "train/config_file.h"
+#include "study/study.h"
 #include "train/methods.h"
 #include "train/sample.h"
 #include "train/trainer.h"
@@ -242,7 +243,7 @@ int main(int argc, char** argv) {
   int eval_batches = -1;
   std::vector<std::string> eval_overrides;
   eval->add_option("--checkpoint", eval_ckpt, "Checkpoint folder")->required();
-  eval->add_option("--batches", eval_batches, "Validation batches (default: train.eval_batches)");
+  eval->add_option("--batches", eval_batches, "Validation batches, spread over the split; 0: all of it (default: train.eval_batches)");
   eval->add_option("--set", eval_overrides, "Override a key of the checkpoint's config (e.g. data.input=...)");
 
   // sample
@@ -329,6 +330,18 @@ int main(int argc, char** argv) {
   bench->add_flag("--profile", bopt.profile, "Also time each kind of work (GEMMs, attention, layernorm, ..., optimizer) per step");
 
   // methods
+  // study
+  study::Options study_opt;
+  auto* study_cmd = app.add_subcommand(
+      "study", "Run a grid of methods x learning rates x seeds (x pipeline depths), each an ordinary resumable run, "
+               "and write DIR/report (results.csv, summary.md, plots)");
+  study_cmd->add_option("-c,--config", study_opt.config, "Study file: a training config plus a [study] table")
+      ->required()
+      ->check(CLI::ExistingFile);
+  study_cmd->add_option("--out", study_opt.out_dir, "Study folder (runs, results, report); rerun to continue")
+      ->required();
+  study_cmd->add_option("--jobs", study_opt.jobs, "Runs at once, one core each (default: study.jobs)");
+  study_cmd->add_flag("-q,--quiet", study_opt.quiet, "No progress or summary output");
   auto* methods_cmd = app.add_subcommand("methods", "List the method presets (method = \"<name>\" or --set method=<name>) and what each sets");
 
   // delaylab
@@ -373,10 +386,10 @@ int main(int argc, char** argv) {
       Config cfg = read_checkpoint_config(eval_ckpt);
       for (const auto& o : eval_overrides) apply_override(cfg, o);
       validate(cfg);
-      if (eval->count("--batches") && (eval_batches < 1 || eval_batches > kMaxEvalBatches))
-        throw Error("--batches must be between 1 and " + std::to_string(kMaxEvalBatches) + ", got " +
+      if (eval->count("--batches") && (eval_batches < 0 || eval_batches > kMaxEvalBatches))
+        throw Error("--batches must be between 0 (the whole split) and " + std::to_string(kMaxEvalBatches) + ", got " +
                     std::to_string(eval_batches));
-      const EvalResult r = evaluate_checkpoint(eval_ckpt, cfg, eval_batches > 0 ? eval_batches : cfg.train.eval_batches);
+      const EvalResult r = evaluate_checkpoint(eval_ckpt, cfg, eval->count("--batches") ? eval_batches : cfg.train.eval_batches);
       std::printf("val loss %.4f | val ppl %.2f | %lld tokens\n", r.loss, r.ppl, static_cast<long long>(r.tokens));
     } else if (*sample) {
       // Streamed token by token: a reader that stops (`| head`) ends the sampling quietly.
@@ -412,6 +425,8 @@ int main(int argc, char** argv) {
       train_bpe(texts, tok_vocab, tok_out);
       std::printf("trained a %d-token BPE on %zu documents: %s/encoder.json, %s/vocab.bpe\n",
                   tok_vocab, texts.size(), tok_out.c_str(), tok_out.c_str());
+    } else if (*study_cmd) {
+      return study::run_study(study_opt);
     } else if (*methods_cmd) {
       std::printf("%s", describe_methods().c_str());
     } else if (*sched_cmd) {

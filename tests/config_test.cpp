@@ -521,7 +521,7 @@ INSTANTIATE_TEST_SUITE_P(
         ValidationCase{"train.warmup_steps=-1", "train.warmup_steps must be >= 0, got -1"},
         ValidationCase{"optim.weight_decay=-0.01",
                        "optim.weight_decay must be >= 0, got -0.01"},
-        ValidationCase{"train.eval_batches=0", "train.eval_batches must be >= 1, got 0"},
+        ValidationCase{"train.eval_batches=-1", "train.eval_batches must be >= 0, got -1"},
         ValidationCase{"train.threads=-1", "train.threads must be >= 0, got -1"},
         ValidationCase{"optim.eps=0", "optim.eps must be > 0, got 0"},
         ValidationCase{"train.eval_every=-5", "train.eval_every must be >= 0, got -5"},

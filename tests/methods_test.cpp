@@ -174,13 +174,22 @@ TEST(Presets, WhatTheNamedPresetsSet) {
   EXPECT_EQ(nw.optim.name, "nadamw");
   EXPECT_EQ(nw.optim.beta1, 0.9);
   EXPECT_TRUE(nw.optim.stage_momentum);
-  EXPECT_EQ(nw.optim.stage_lr_rho, 0.5);
+  // The reference code has beta1_k only, and recomputes the forward under the backward's weights.
+  EXPECT_EQ(nw.optim.stage_lr_rho, 0.0);
+  EXPECT_TRUE(nw.pipeline.recompute);
   EXPECT_FALSE(nw.optim.pipemare || nw.optim.spectrain || nw.optim.lr_reschedule);
+  const Config nwr = preset_config("nesterov-nows-rho");
+  EXPECT_FALSE(nwr.pipeline.stash);
+  EXPECT_TRUE(nwr.pipeline.recompute);
+  EXPECT_TRUE(nwr.optim.stage_momentum);
+  EXPECT_EQ(nwr.optim.stage_lr_rho, 0.5);
+  EXPECT_TRUE(pm.pipeline.recompute);
 
   const Config sp = preset_config("spectrain");
   EXPECT_FALSE(sp.pipeline.stash);
   EXPECT_TRUE(sp.optim.spectrain);
   EXPECT_FALSE(sp.optim.pipemare || sp.optim.lr_reschedule);
+  EXPECT_TRUE(sp.pipeline.recompute);
 
   const Config g = preset_config("gpipe");
   EXPECT_EQ(g.pipeline.schedule, "gpipe");
@@ -479,7 +488,8 @@ double expected_stage_lr(const Config& c, int tau, int64_t v) {
   if (tau == 0) return lr;
   if (c.optim.stage_lr_rho > 0) lr /= std::pow(static_cast<double>(tau), c.optim.stage_lr_rho);
   if (c.optim.lr_reschedule) {
-    const int64_t T = c.optim.lr_reschedule_steps > 0 ? c.optim.lr_reschedule_steps : c.train.warmup_steps;
+    const int64_t T = c.optim.lr_reschedule_steps > 0 ? c.optim.lr_reschedule_steps
+                                                 : std::max<int64_t>(1, c.train.steps * 14 / 100);
     const double frac = T > 0 ? std::min(1.0, static_cast<double>(v) / static_cast<double>(T)) : 1.0;
     lr /= std::pow(static_cast<double>(tau), 1.0 - frac);
   }
@@ -491,9 +501,9 @@ TEST(StageCorrections, StageLearningRates) {
       {},
       {"optim.stage_lr_rho=0.5"},
       {"optim.stage_lr_rho=1.3"},
-      {"optim.lr_reschedule=true"},                                    // T = warmup_steps = 3
+      {"optim.lr_reschedule=true"},                                    // T = 14% of train.steps
       {"optim.lr_reschedule=true", "optim.lr_reschedule_steps=7"},     // T = 7
-      {"optim.lr_reschedule=true", "train.warmup_steps=0"},            // T = 0: no rescheduling
+      {"optim.lr_reschedule=true", "train.warmup_steps=0"},            // T still 14% of train.steps
       {"optim.lr_reschedule=true", "optim.lr_reschedule_steps=5", "optim.stage_lr_rho=0.5"},
   };
   for (const auto& sets : cases) {

@@ -16,6 +16,7 @@
 #include <sstream>
 
 #include "io/atomic_file.h"
+#include "util/gnuplot.h"
 #include "util/error.h"
 #include "util/hash.h"
 
@@ -165,14 +166,6 @@ void check_settings(const Problem& p, const RunSettings& s) {
   if (!(s.diverge_factor > 1)) throw Error("delaylab: divergence factor must be > 1");
 }
 
-std::string quote_gp(const std::string& s) {  // a gnuplot double-quoted string literal
-  std::string out = "\"";
-  for (char c : s) {
-    if (c == '"' || c == '\\') out += '\\';
-    out += c;
-  }
-  return out + "\"";
-}
 
 }  // namespace
 
@@ -523,49 +516,6 @@ std::string format_gnuplot(const DelayLabOptions& o, const std::vector<ProblemRe
   return g.str();
 }
 
-namespace {
-
-// Runs `gnuplot -e "outfile='<tmp>'" delaylab.gp` in `dir`; "" on success, else why not.
-std::string run_gnuplot(const std::string& program, const std::string& dir, const std::string& tmp_name) {
-  posix_spawn_file_actions_t fa;
-  posix_spawn_file_actions_init(&fa);
-  posix_spawn_file_actions_addchdir_np(&fa, dir.c_str());
-  const std::string err_name = "delaylab.gnuplot.log.tmp." + std::to_string(::getpid());
-  posix_spawn_file_actions_addopen(&fa, 1, "/dev/null", O_WRONLY, 0);
-  posix_spawn_file_actions_addopen(&fa, 2, err_name.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-  std::string e_arg = "outfile=" + quote_gp(tmp_name);
-  std::string script = "delaylab.gp", dash_e = "-e";
-  std::vector<char*> argv = {const_cast<char*>(program.c_str()), dash_e.data(), e_arg.data(), script.data(), nullptr};
-  pid_t pid = 0;
-  const int rc = posix_spawnp(&pid, program.c_str(), &fa, nullptr, argv.data(), environ);
-  posix_spawn_file_actions_destroy(&fa);
-  const std::filesystem::path log = std::filesystem::path(dir) / err_name;
-  std::error_code ec;
-  if (rc != 0) {
-    std::filesystem::remove(log, ec);
-    if (rc == ENOENT) return "'" + program + "' not found (install gnuplot-nox)";
-    return "cannot run '" + program + "': " + std::strerror(rc);
-  }
-  int status = 0;
-  while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {
-  }
-  std::string err;
-  try {
-    err = read_file(log.string());
-  } catch (const Error&) {
-  }
-  std::filesystem::remove(log, ec);
-  if (WIFEXITED(status) && WEXITSTATUS(status) == 0) return "";
-  if (WIFEXITED(status) && WEXITSTATUS(status) == 127) return "'" + program + "' not found (install gnuplot-nox)";
-  // The last non-empty line of gnuplot's complaint, on one line.
-  std::string last;
-  std::istringstream in(err);
-  for (std::string line; std::getline(in, line);)
-    if (line.find_first_not_of(" \t^") != std::string::npos) last = line;
-  return program + " failed" + (last.empty() ? std::string() : ": " + last);
-}
-
-}  // namespace
 
 DelayLabReport run_delaylab(const DelayLabOptions& o) {
   validate(o);
@@ -584,19 +534,11 @@ DelayLabReport run_delaylab(const DelayLabOptions& o) {
   put("table.md", rep.table);
   put("delaylab.gp", format_gnuplot(o, rep.problems));
   if (o.plot) {
-    const std::string tmp = "delaylab.png.tmp." + std::to_string(::getpid());
-    const std::string why = run_gnuplot(o.gnuplot, o.out_dir, tmp);
-    std::error_code ec;
-    if (why.empty()) {
-      fs::rename(dir / tmp, dir / "delaylab.png", ec);
-      if (ec)
-        rep.warnings.push_back("no PNG: cannot rename " + (dir / tmp).string() + ": " + ec.message());
-      else
-        rep.files.push_back((dir / "delaylab.png").string());
-    } else {
+    const std::string why = render_gnuplot(o.gnuplot, o.out_dir, "delaylab.gp", "delaylab.png");
+    if (why.empty())
+      rep.files.push_back((dir / "delaylab.png").string());
+    else
       rep.warnings.push_back("no PNG: " + why + "; curves.csv, table.md and delaylab.gp are written");
-    }
-    fs::remove(dir / tmp, ec);
   }
   return rep;
 }

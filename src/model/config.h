@@ -31,7 +31,7 @@ struct TrainConfig {
   bool clip_global = false;   // synchronous schedules: clip by the norm over all stages
   uint64_t seed = 1337;       // data order seed
   int64_t eval_every = 100;   // steps between evaluations; 0 disables
-  int eval_batches = 10;      // validation batches per evaluation
+  int eval_batches = 10;      // validation batches per evaluation, spread over the split (0: all)
   int64_t checkpoint_every = 0;  // 0: only at the end
   int64_t log_every = 10;     // steps between plain log lines (not on a terminal)
   int threads = 0;            // 0: all cores
@@ -94,7 +94,7 @@ struct OptimConfig {
   bool adaptive = false;        // nag-delay: Adam-style second-moment scaling
   // Corrections (async-1f1b only; each stage knows its delay tau_k):
   bool lr_reschedule = false;   // eta_k(t) = eta / tau_k^(1 - min(t/T, 1))
-  int64_t lr_reschedule_steps = 0;  // T (0: train.warmup_steps)
+  int64_t lr_reschedule_steps = 0;  // T (0: 14% of train.steps, the reference's 7k of 50k)
   bool pipemare = false;        // backward on w - tau_k * delta (needs stash off)
   bool spectrain = false;       // forward on w - tau_k * lr * smoothed update (needs stash off)
   double delta_decay = 0.9;     // EMA coefficient of delta / the smoothed update

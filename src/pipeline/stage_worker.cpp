@@ -35,7 +35,7 @@ StageWorker::StageWorker(const Config& cfg, const StageOptions& opt)
              opt.recompute) {
   const OptimConfig& o = cfg.optim;
   // Ours-No-WS: stages with a longer delay lean more on momentum.
-  beta1_ = o.stage_momentum ? o.beta1 + opt.delay * (0.99 - o.beta1) / opt.stages : o.beta1;
+  beta1_ = stage_beta1_at(cfg, opt.delay, opt.stages);
   optim_ = make_optimizer(settings_of(o, beta1_), stage_.num_params());
   if ((o.pipemare || o.spectrain) && opt.delay > 0) {
     delta_.assign(stage_.num_params(), 0.0f);
@@ -136,23 +136,27 @@ void StageWorker::stash_current_if_needed() {
   it->version = version_;
 }
 
-double StageWorker::stage_lr(int64_t version) const {
-  const TrainConfig& t = cfg_.train;
-  const OptimConfig& o = cfg_.optim;
+double stage_lr_at(const Config& cfg, int tau, int64_t version) {
+  const TrainConfig& t = cfg.train;
+  const OptimConfig& o = cfg.optim;
   double lr = lr_at(version, t.lr, t.warmup_steps, t.steps, t.min_lr_ratio);
-  const double tau = opt_.delay;
   if (tau >= 1) {
-    if (o.stage_lr_rho > 0) lr /= std::pow(tau, o.stage_lr_rho);
+    if (o.stage_lr_rho > 0) lr /= std::pow(static_cast<double>(tau), o.stage_lr_rho);
     if (o.lr_reschedule) {
-      const int64_t horizon = o.lr_reschedule_steps > 0 ? o.lr_reschedule_steps : t.warmup_steps;
-      const double p = horizon > 0 ? std::min(1.0, static_cast<double>(version) /
-                                                       static_cast<double>(horizon))
-                                   : 1.0;
-      lr /= std::pow(tau, 1.0 - p);
+      const int64_t horizon = o.lr_reschedule_steps > 0 ? o.lr_reschedule_steps : std::max<int64_t>(1, t.steps * 14 / 100);
+      const double p = std::min(1.0, static_cast<double>(version) / static_cast<double>(horizon));
+      lr /= std::pow(static_cast<double>(tau), 1.0 - p);
     }
   }
   return lr;
 }
+
+double stage_beta1_at(const Config& cfg, int tau, int P) {
+  const OptimConfig& o = cfg.optim;
+  return o.stage_momentum ? o.beta1 + tau * (0.99 - o.beta1) / P : o.beta1;
+}
+
+double StageWorker::stage_lr(int64_t version) const { return stage_lr_at(cfg_, opt_.delay, version); }
 
 const float* StageWorker::shifted_weights(bool forward) {
   if (delta_.empty()) return nullptr;
@@ -202,6 +206,7 @@ void StageWorker::step(double global_sumsq) {
   last_loss_ = update_loss();
   last_norm_ = norm;
   last_lr_ = lr;
+  if (cfg_.train.clip > 0 && norm > cfg_.train.clip) ++clipped_;
   loss_sum_ = 0.0;
   loss_count_ = 0;
   ++version_;

@@ -52,6 +52,12 @@ struct VersionRecord {
   int64_t backward_version = 0;
 };
 
+// The learning rate of update `version` on a stage with delay tau: the warm-up + cosine schedule,
+// divided by tau^rho (optim.stage_lr_rho) and by tau^(1 - min(t/T, 1)) (optim.lr_reschedule).
+double stage_lr_at(const Config& cfg, int tau, int64_t version);
+// The first-moment coefficient of a stage with delay tau among P (optim.stage_momentum).
+double stage_beta1_at(const Config& cfg, int tau, int P);
+
 class StageWorker {
  public:
   StageWorker(const Config& cfg, const StageOptions& opt);
@@ -97,6 +103,8 @@ class StageWorker {
   double last_update_loss() const { return last_loss_; }
   double last_grad_norm() const { return last_norm_; }
   double last_lr() const { return last_lr_; }
+  // Updates of this worker whose gradient norm exceeded train.clip (and so were scaled down).
+  int64_t clipped_updates() const { return clipped_; }
 
   // Versions of every micro-batch since clear_records() (for tests and the trace).
   const std::vector<VersionRecord>& records() const { return records_; }
@@ -171,6 +179,7 @@ class StageWorker {
   double loss_sum_ = 0.0;
   int64_t loss_count_ = 0;
   double last_loss_ = 0.0, last_norm_ = 0.0, last_lr_ = 0.0;
+  int64_t clipped_ = 0;
 };
 
 }  // namespace pipenag

@@ -25,20 +25,30 @@ const std::vector<Method> kMethods = {
      {"pipeline.schedule=\"async-1f1b\"", "pipeline.microbatches=1", "pipeline.stash=true",
       "optim.name=\"adamw\"", "optim.beta1=0.9", PIPENAG_CORRECTIONS_OFF,
       "optim.lr_reschedule=true"}},
-    {"pipemare", "no stashing; lr rescheduling plus discrepancy correction (backward on w - tau_k delta)",
+    {"pipemare",
+     "no stashing; lr rescheduling plus discrepancy correction (forward recomputed and backward on w - tau_k delta)",
      {"pipeline.schedule=\"async-1f1b\"", "pipeline.microbatches=1", "pipeline.stash=false",
+      "pipeline.recompute=true",
       "optim.name=\"adamw\"", "optim.beta1=0.9", PIPENAG_CORRECTIONS_OFF,
       "optim.lr_reschedule=true", "optim.pipemare=true"}},
-    {"spectrain", "no stashing; forward on predicted weights w - tau_k lr (smoothed update), AdamW",
+    {"spectrain",
+     "no stashing; forward on predicted weights w - tau_k lr (smoothed update), backward recomputed on the current weights, AdamW",
      {"pipeline.schedule=\"async-1f1b\"", "pipeline.microbatches=1", "pipeline.stash=false",
+      "pipeline.recompute=true",
       "optim.name=\"adamw\"", "optim.beta1=0.9", PIPENAG_CORRECTIONS_OFF, "optim.spectrain=true"}},
     {"nesterov", "the paper's method: asynchronous 1F1B, weight stashing, NAdamW with beta1 0.99",
      {"pipeline.schedule=\"async-1f1b\"", "pipeline.microbatches=1", "pipeline.stash=true",
       "optim.name=\"nadamw\"", "optim.beta1=0.99", PIPENAG_CORRECTIONS_OFF}},
     {"nesterov-nows",
-     "Ours-No-WS: no stashing, NAdamW with beta1_k = 0.9 + tau_k (0.99 - 0.9)/P and eta_k = eta/tau_k^0.5",
+     "Ours-No-WS as the reference code runs it: no stashing (forward recomputed under the backward's "
+     "weights), NAdamW with beta1_k = 0.9 + tau_k (0.99 - 0.9)/P, no eta/tau^rho",
      {"pipeline.schedule=\"async-1f1b\"", "pipeline.microbatches=1", "pipeline.stash=false",
-      "optim.name=\"nadamw\"", "optim.beta1=0.9", PIPENAG_CORRECTIONS_OFF,
+      "pipeline.recompute=true", "optim.name=\"nadamw\"", "optim.beta1=0.9", PIPENAG_CORRECTIONS_OFF,
+      "optim.stage_momentum=true"}},
+    {"nesterov-nows-rho",
+     "our variant of Ours-No-WS: nesterov-nows plus the paper text's eta_k = eta/tau_k^0.5 (not in the reference code)",
+     {"pipeline.schedule=\"async-1f1b\"", "pipeline.microbatches=1", "pipeline.stash=false",
+      "pipeline.recompute=true", "optim.name=\"nadamw\"", "optim.beta1=0.9", PIPENAG_CORRECTIONS_OFF,
       "optim.stage_momentum=true", "optim.stage_lr_rho=0.5"}},
     {"nesterov-eq10",
      "Eq. 10 written out: asynchronous 1F1B, stashing, nag-delay with constant gamma 0.99 and Adam scaling",
@@ -77,6 +87,25 @@ std::string describe_methods() {
     for (const auto& [k, v] : kv) out += " " + std::string(k) + "=" + std::string(v);
     out += "\n";
   }
+  out += R"(
+Where these presets and the defaults differ from the paper's reference code
+(PluralisResearch/AsyncPP @584658e, ../shared/PAPER.md section 6):
+  gpipe: the M micro-batch gradients are averaged (the reference sums them: M times the mean).
+    With Adam(W) this changes only what clipping sees; `train.clip` applies to the mean.
+  clipping: each stage clips its own gradient norm at train.clip, as the reference does, but the
+    small configs use 1.0; the reference and configs/paper-134m.toml use 10.
+  pipedream-lr, pipemare: the rescheduling horizon T (optim.lr_reschedule_steps) defaults to 14% of
+    train.steps, the reference's 7k of 50k updates.
+  nesterov-nows: beta1_k only, as the reference; the paper's text also divides the learning rate
+    by tau_k^rho, which is our variant nesterov-nows-rho (rho = 0.5).
+  no-stash presets (pipemare, spectrain, nesterov-nows, nesterov-nows-rho): the forward is
+    recomputed in the backward (pipeline.recompute = true), as the reference runtime always does;
+    with pipeline.recompute = false the backward uses the activations its forward saved under
+    older weights.
+  pipemare, spectrain: the reference parses their flags but has no code for them; ours follow
+    their papers.
+  nesterov: the reference drains the pipeline once per 1000-update epoch; pipenag never drains.
+)";
   return out;
 }
 

@@ -197,14 +197,26 @@ Data load_data(const Config& cfg, std::string* note = nullptr) {
   return d;
 }
 
+// An evaluation scores `batches` validation batches spread evenly over the whole split (the same
+// ones every evaluation and every run of the same data), or all of them when batches is 0 or at
+// least the split's size.
+int64_t eval_batch_count(const TokenLoader& val, int batches) {
+  const int64_t n = val.batches_per_epoch();
+  return batches <= 0 || batches >= n ? n : batches;
+}
+int64_t eval_batch_index(const TokenLoader& val, int64_t i, int64_t count) {
+  return i * val.batches_per_epoch() / count;
+}
+
 // Mean validation loss, the batch passed through the stages in order, each stage on the given
 // slot (a free one: micro-batches in flight keep what they saved).
 double eval_loss(const std::vector<std::pair<Stage*, int>>& stages, const TokenLoader& val, int batches,
                  std::vector<int32_t>& x, std::vector<int32_t>& y) {
   double sum = 0.0;
   int64_t count = 0;
-  for (int i = 0; i < batches; ++i) {
-    val.batch(i, x.data(), y.data());
+  const int64_t n = eval_batch_count(val, batches);
+  for (int64_t i = 0; i < n; ++i) {
+    val.batch(eval_batch_index(val, i, n), x.data(), y.data());
     UnitContext ctx;
     ctx.training = false;
     const float* in = nullptr;
@@ -235,8 +247,9 @@ double eval_loss_mpi(StageWorker& w, int P, const TokenLoader& val, int batches,
   std::vector<float> in(k > 0 ? w.boundary_floats() : 0);
   double sum = 0.0, count = 0.0;
   constexpr int kTag = 7;
-  for (int i = 0; i < batches; ++i) {
-    if (k == 0 || k + 1 == P) val.batch(i, x.data(), y.data());  // tokens first, targets last
+  const int64_t n = eval_batch_count(val, batches);
+  for (int64_t i = 0; i < n; ++i) {
+    if (k == 0 || k + 1 == P) val.batch(eval_batch_index(val, i, n), x.data(), y.data());  // tokens first, targets last
     if (k > 0) mpi::recv(k - 1, kTag, in.data(), in.size() * sizeof(float), timeout_s);
     UnitContext ctx;
     ctx.training = false;
@@ -781,7 +794,36 @@ TrainResult train(const Config& user_cfg, const TrainOptions& opt) {
     log(j);
     progress.step(step, loss, tps, r.lr, P > 1 ? r.utilization : -1.0);
   };
+  // Per stage, since the previous such line: updates clipped, and the learning rate and momentum
+  // coefficient of the last update. Written with evaluations and checkpoints (so a resumed run
+  // writes the same lines; the counts restart with the process, at a line).
+  std::vector<int64_t> clipped_logged(static_cast<size_t>(P), 0);
+  int64_t stage_line_step = st.step;
+  auto write_stage_line = [&] {
+    if (st.step == stage_line_step) return;
+    std::vector<double> mine_vals;
+    for (auto* w : mine)
+      mine_vals.insert(mine_vals.end(), {static_cast<double>(w->options().index),
+                                         static_cast<double>(w->clipped_updates()),
+                                         w->stage_lr(st.step - 1), w->stage_beta1()});
+    const std::vector<double> all = dist ? mpi::allgather(mine_vals, peer_timeout, "stage statistics") : mine_vals;
+    nlohmann::json clipped = nlohmann::json::array(), lrs = nlohmann::json::array(), betas = nlohmann::json::array();
+    std::vector<std::array<double, 3>> by_stage(static_cast<size_t>(P));
+    for (size_t i = 0; i + 3 < all.size(); i += 4)
+      by_stage.at(static_cast<size_t>(all[i])) = {all[i + 1], all[i + 2], all[i + 3]};
+    for (size_t k = 0; k < by_stage.size(); ++k) {
+      const auto c = static_cast<int64_t>(by_stage[k][0]);
+      clipped.push_back(c - clipped_logged[k]);
+      clipped_logged[k] = c;
+      lrs.push_back(by_stage[k][1]);
+      betas.push_back(by_stage[k][2]);
+    }
+    log({{"step", st.step}, {"stage_updates", st.step - stage_line_step}, {"stage_clipped", clipped},
+         {"stage_lr", lrs}, {"stage_beta1", betas}});
+    stage_line_step = st.step;
+  };
   auto evaluate = [&] {
+    write_stage_line();
     // Every stage holds weight version st.step now (the flow is paused at that cut); each
     // evaluates on a free slot, so in-flight micro-batches keep what they saved.
     const double vl = dist ? eval_loss_mpi(*mine.front(), P, *data.val, cfg.train.eval_batches, x, y, peer_timeout)
@@ -864,6 +906,7 @@ TrainResult train(const Config& user_cfg, const TrainOptions& opt) {
     if (resume_flow) flow.resume_at(st.step, flow_state.messages);
     resume_flow = false;
     auto save = [&] {
+      write_stage_line();
       FlowState fs;
       fs.base_step = base_step;
       fs.base_position = base_pos;

@@ -1,0 +1,198 @@
+// `pipenag study`: a grid of ordinary runs with a report; killed and rerun it redoes nothing that
+// had finished and gives the same report; bad study files and folders get one line.
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <sys/stat.h>
+
+#include <map>
+#include <sstream>
+#include <string>
+
+#include "study/study.h"
+#include "test_util.h"
+
+namespace pipenag::testutil {
+namespace {
+
+using ::testing::HasSubstr;
+
+class Study : public BinaryTest {
+ protected:
+  // A tiny grid: gpipe and nesterov x 3 learning rates x 1 seed at P = 2, and a depth sweep to
+  // P = 4 for nesterov: 7 runs of 16 updates (gpipe: 4 of 4 micro-batches).
+  std::string study_toml(const std::string& grid_extra = "", const std::string& study_lrs = "[1e-3, 3e-3, 1e-2]") const {
+    return "[model]\nn_layer = 4\nn_embd = 32\nn_head = 2\nblock_size = 32\nvocab_size = 256\n"
+           "[train]\nsteps = 16\nbatch_size = 4\nwarmup_steps = 2\neval_every = 8\neval_batches = 2\n"
+           "[data]\ninput = \"" + (dir_ / "corpus").string() + "\"\nval_fraction = 0.2\n"
+           "[study]\nmethods = [\"gpipe\", \"nesterov\"]\nlrs = " + study_lrs +
+           "\nseeds = [1]\nstages = 2\ndepths = [2, 4]\ndepth_methods = [\"nesterov\"]\njobs = 1\n" + grid_extra;
+  }
+  std::string study(const fs::path& file, const fs::path& out, const std::string& extra = "") {
+    return "study -q -c " + file.string() + " --out " + out.string() + " " + extra;
+  }
+  // results.csv without the timing columns (wall_s, tokens_per_s).
+  static std::string timeless_csv(const std::string& csv) {
+    std::istringstream in(csv);
+    std::string out;
+    for (std::string line; std::getline(in, line);) {
+      std::vector<std::string> cols;
+      std::stringstream ls(line);
+      for (std::string c; std::getline(ls, c, ',');) cols.push_back(c);
+      for (size_t i = 0; i < cols.size(); ++i)
+        if (i != 11 && i != 12) out += cols[i] + ",";
+      out += "\n";
+    }
+    return out;
+  }
+  // summary.md without its first paragraph (which states the training time).
+  static std::string timeless_summary(const std::string& md) {
+    std::istringstream in(md);
+    std::string out;
+    for (std::string line; std::getline(in, line);)
+      if (line.rfind("Grid:", 0) != 0) out += line + "\n";
+    return out;
+  }
+};
+
+TEST_F(Study, KilledAndRerunRedoesNothingFinishedAndGivesTheSameReport) {
+  spit(dir_ / "study.toml", study_toml());
+  // The uninterrupted study.
+  const RunResult a = run(study(dir_ / "study.toml", dir_ / "a"));
+  ASSERT_EQ(a.code, 0) << a.err;
+  const std::string csv_a = slurp(dir_ / "a/report/results.csv");
+  EXPECT_EQ(std::count(csv_a.begin(), csv_a.end(), '\n'), 8) << csv_a;  // header + 6 grid runs + 1 sweep run
+  EXPECT_THAT(csv_a, HasSubstr("nesterov_lr"));
+  EXPECT_THAT(csv_a, HasSubstr("_P4,nesterov,"));
+  // Equal tokens: gpipe (4 micro-batches per update) makes 4 updates, nesterov 16.
+  EXPECT_THAT(csv_a, HasSubstr(",2,4,2048,"));
+  EXPECT_THAT(csv_a, HasSubstr(",2,16,2048,"));
+  const std::string summary_a = slurp(dir_ / "a/report/summary.md");
+  EXPECT_THAT(summary_a, HasSubstr("| 1 |"));
+  EXPECT_THAT(summary_a, HasSubstr("reference"));
+  for (const char* f : {"curves.gp", "lr.gp", "depth.gp", "curves.dat"}) EXPECT_TRUE(fs::exists(dir_ / "a/report" / f)) << f;
+
+  // The same study, killed with SIGKILL once two runs have finished, then rerun.
+  const std::string bin = PIPENAG_BINARY;
+  const std::string cmd = "bash -c '" + bin + " " + study(dir_ / "study.toml", dir_ / "b") +
+                          " & p=$!; while [ $(ls " + (dir_ / "b/results").string() +
+                          " 2>/dev/null | wc -l) -lt 2 ]; do sleep 0.02; done; kill -9 $p; wait $p; echo $?'";
+  const RunResult killed = run_command(cmd, dir_);
+  EXPECT_EQ(killed.out, "137\n") << killed.err;
+  std::map<std::string, std::pair<std::string, std::string>> finished;  // id -> (result, log)
+  for (const auto& e : fs::directory_iterator(dir_ / "b/results")) {
+    const std::string id = e.path().stem().string();
+    finished[id] = {slurp(e.path()), slurp(dir_ / "b/logs" / (id + ".log"))};
+  }
+  ASSERT_GE(finished.size(), 2u);
+  ASSERT_LT(finished.size(), 7u) << "the study finished before it was killed";
+  // Its runs got SIGTERM from the dying study, checkpointed and stopped; the rerun waits for any
+  // that still hold their folder.
+  const RunResult b = run(study(dir_ / "study.toml", dir_ / "b"));
+  ASSERT_EQ(b.code, 0) << b.err;
+  for (const auto& [id, content] : finished) {
+    EXPECT_EQ(slurp(dir_ / "b/results" / (id + ".json")), content.first) << id;
+    EXPECT_EQ(slurp(dir_ / "b/logs" / (id + ".log")), content.second) << id << " was started again";
+  }
+  EXPECT_EQ(timeless_csv(slurp(dir_ / "b/report/results.csv")), timeless_csv(csv_a));
+  EXPECT_EQ(timeless_summary(slurp(dir_ / "b/report/summary.md")), timeless_summary(summary_a));
+
+  // A finished study run again starts nothing and writes the same report.
+  const auto logs_before = slurp(dir_ / "b/logs" / "gpipe_lr0.001_s1_P2.log");
+  const RunResult again = run(study(dir_ / "study.toml", dir_ / "b"));
+  ASSERT_EQ(again.code, 0) << again.err;
+  EXPECT_EQ(slurp(dir_ / "b/logs" / "gpipe_lr0.001_s1_P2.log"), logs_before);
+  EXPECT_EQ(timeless_csv(slurp(dir_ / "b/report/results.csv")), timeless_csv(csv_a));
+  // Each run is an ordinary run: its checkpoint evaluates on its own.
+  const RunResult ev = run("eval --checkpoint " + (dir_ / "b/runs/nesterov_lr0.003_s1_P2/checkpoint").string());
+  EXPECT_EQ(ev.code, 0) << ev.err;
+  EXPECT_THAT(ev.out, HasSubstr("val loss"));
+
+  // Bad input against an existing study: one line, non-zero, the earlier results untouched.
+  const std::string report_before = slurp(dir_ / "b/report/summary.md");
+  spit(dir_ / "other.toml", study_toml("", "[1e-3, 3e-3, 2e-2]"));
+  EXPECT_THAT(expect_error(study(dir_ / "other.toml", dir_ / "b")), HasSubstr("study.lrs"));
+  // A full disk while the report is written (RLIMIT_FSIZE, SIGXFSZ ignored: writes fail with EFBIG).
+  const RunResult full = run_command("bash -c \"trap '' XFSZ; ulimit -f 1; exec " + bin + " " +
+                                         study(dir_ / "study.toml", dir_ / "b") + "\"",
+                                     dir_);
+  EXPECT_NE(full.code, 0);
+  EXPECT_LT(full.code, 128);
+  EXPECT_EQ(full.err.rfind("pipenag: ", 0), 0u) << full.err;
+  EXPECT_EQ(std::count(full.err.begin(), full.err.end(), '\n'), 1) << full.err;
+  EXPECT_THAT(full.err, HasSubstr("too large"));
+  EXPECT_EQ(slurp(dir_ / "b/report/summary.md"), report_before);
+  for (const auto& [id, content] : finished) EXPECT_EQ(slurp(dir_ / "b/results" / (id + ".json")), content.first);
+}
+
+TEST_F(Study, BadStudyFilesGetOneLine) {
+  const auto bad = [&](const std::string& toml, const std::string& needle) {
+    spit(dir_ / "bad.toml", toml);
+    const std::string err = expect_error(study(dir_ / "bad.toml", dir_ / "out"), needle);
+    EXPECT_FALSE(fs::exists(dir_ / "out/runs")) << err;
+  };
+  const std::string base = study_toml();
+  const auto with = [&](const std::string& from, const std::string& to) {
+    std::string s = base;
+    const auto p = s.find(from);
+    EXPECT_NE(p, std::string::npos) << from;
+    return s.replace(p, from.size(), to);
+  };
+  bad(with("[\"gpipe\", \"nesterov\"]", "[\"gpipe\", \"nesterov-fast\"]"), "unknown method 'nesterov-fast'");
+  bad(with("methods = [\"gpipe\", \"nesterov\"]", "methods = []"), "study.methods is empty");
+  bad(with("lrs = [1e-3, 3e-3, 1e-2]", "lrs = []"), "study.lrs is empty");
+  bad(with("lrs = [1e-3, 3e-3, 1e-2]", "lrs = [1e-3, 0.0, 1e-2]"), "must be > 0");
+  bad(with("lrs = [1e-3, 3e-3, 1e-2]", "lrs = [1e-3, -3e-3, 1e-2]"), "must be > 0");
+  bad(with("depths = [2, 4]", "depths = [2, 8]"), "8 stages need at least 8 blocks, model.n_layer is 4");
+  bad(with("stages = 2", "stages = 6"), "6 stages need at least 6 blocks");
+  bad(with("depth_methods = [\"nesterov\"]", "depth_methods = [\"pipedream\"]"), "not in study.methods");
+  bad(with("jobs = 1", "jobs = 1\nfoo = 2"), "unknown key study.foo");
+  bad(with("jobs = 1", "jobs = 4096"), "study.jobs");
+  bad(with("seeds = [1]", "seeds = [1, 1]"), "study.seeds lists a value twice");
+  bad("[model]\nn_layer = 2\n", "no [study] table");
+  bad(with("[train]", "[train]\nlr_typo = 1"), "lr_typo");
+  // More runs at once than cores.
+  spit(dir_ / "ok.toml", base);
+  expect_error(study(dir_ / "ok.toml", dir_ / "out", "--jobs 100000"), "oversubscribe");
+  EXPECT_FALSE(fs::exists(dir_ / "out/runs"));
+}
+
+// The report's statistics: best learning rate on the mean over seeds, a diverged seed loses.
+TEST(StudyReport, BestLearningRateIsTheLowestMeanAndDivergenceLoses) {
+  std::vector<study::Result> rs;
+  const auto add = [&](const std::string& m, double lr, int64_t seed, double val, bool diverged = false) {
+    study::Result r;
+    r.method = m;
+    r.lr = lr;
+    r.seed = seed;
+    r.val_loss = val;
+    r.diverged = diverged;
+    rs.push_back(r);
+  };
+  add("a", 1e-3, 1, 5.0);
+  add("a", 1e-3, 2, 5.2);  // mean 5.1
+  add("a", 3e-3, 1, 4.8);
+  add("a", 3e-3, 2, 5.6);  // mean 5.2
+  add("b", 1e-3, 1, 6.0);
+  add("b", 3e-3, 1, 4.0);
+  add("b", 3e-3, 2, 4.0, true);  // diverged: this lr cannot win
+  const auto best = study::best_lrs(rs);
+  EXPECT_EQ(best.at("a"), 1e-3);
+  EXPECT_EQ(best.at("b"), 1e-3);
+  // Results survive their JSON file exactly (a diverged loss as null).
+  study::Result r = rs.back();
+  r.id = "b_x";
+  r.curve = {{512, 6.5}, {1024, 6.25}};
+  r.clipped = {0.5, 0.25};
+  r.val_loss = std::numeric_limits<double>::infinity();
+  const study::Result back = study::result_from_json(study::result_to_json(r), "x");
+  EXPECT_EQ(back.id, "b_x");
+  EXPECT_TRUE(back.diverged);
+  EXPECT_TRUE(std::isinf(back.val_loss));
+  EXPECT_EQ(back.curve, r.curve);
+  EXPECT_EQ(back.clipped, r.clipped);
+  EXPECT_THAT(error_of([] { study::result_from_json("{\"id\": 3}", "results/x.json"); }),
+              HasSubstr("results/x.json is damaged"));
+}
+
+}  // namespace
+}  // namespace pipenag::testutil
