@@ -565,9 +565,9 @@ TEST(StageCorrections, StageMomentum) {
       // The last stage (no delay) keeps beta1.
       EXPECT_EQ(won[3]->stage_beta1(), beta1);
     }
-  // The Ours-No-WS preset on 4 stages: 0.9 + tau (0.09) / 4.
+  // Our Ours-No-WS variant with the paper text's eta/tau^rho on 4 stages: 0.9 + tau (0.09) / 4.
   Config c = tiny_config(4, "async-1f1b", 1, false);
-  apply_override(c, "method=nesterov-nows");
+  apply_override(c, "method=nesterov-nows-rho");
   validate(c);
   ASSERT_EQ(c.optim.beta1, 0.9);
   ASSERT_EQ(c.optim.stage_lr_rho, 0.5);

@@ -344,7 +344,11 @@ TEST_F(Trust, BoundsAndSmallGaps) {
   ASSERT_EQ(t.code, 0) << t.err;
   EXPECT_THAT(t.err, HasSubstr("train.threads = 100000 is more than the"));
   const std::string ck = (out() / "checkpoint").string();
-  expect_error("eval --checkpoint " + ck + " --batches 0", "--batches");
+  expect_error("eval --checkpoint " + ck + " --batches -1", "--batches");
+  // --batches 0: the whole validation split.
+  const RunResult whole = run("eval --checkpoint " + ck + " --batches 0");
+  EXPECT_EQ(whole.code, 0) << whole.err;
+  EXPECT_THAT(whole.out, HasSubstr("val loss"));
   expect_error("sample --checkpoint " + ck + " --temperature nan", "--temperature");
   expect_error("sample --checkpoint " + ck + " --tokens 2000000000", "--tokens");
   spit(dir_ / "trace.json", "{\"traceEvents\": []}");

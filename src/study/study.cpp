@@ -354,6 +354,11 @@ Result read_result(const Run& run, const std::string& run_dir, bool diverged) {
       r.curve.emplace_back(j.value("tokens", int64_t{0}), j["val_loss"].get<double>());
     } else if (j.contains("loss")) {
       losses.push_back(j["loss"].get<double>());
+      // One stage: each update's own line has its gradient norm (before clipping).
+      if (P == 1 && j.contains("grad_norm")) {
+        ++stage_updates;
+        if (run.cfg.train.clip > 0 && j["grad_norm"].get<double>() > run.cfg.train.clip) ++clipped[0];
+      }
     } else if (j.contains("segment_wall_s")) {
       r.wall_s += j["segment_wall_s"].get<double>();
       seg_updates += j.value("segment_updates", int64_t{0});

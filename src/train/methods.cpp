@@ -16,13 +16,13 @@ namespace {
 
 const std::vector<Method> kMethods = {
     {"gpipe", "synchronous GPipe: 4 micro-batches per update, flush, AdamW (beta1 0.9)",
-     {"pipeline.schedule=\"gpipe\"", "pipeline.microbatches=4", "pipeline.stash=true",
+     {"pipeline.schedule=\"gpipe\"", "pipeline.microbatches=4", "pipeline.stash=true", "pipeline.recompute=false",
       "optim.name=\"adamw\"", "optim.beta1=0.9", PIPENAG_CORRECTIONS_OFF}},
     {"pipedream", "asynchronous 1F1B with weight stashing, AdamW (beta1 0.9)",
-     {"pipeline.schedule=\"async-1f1b\"", "pipeline.microbatches=1", "pipeline.stash=true",
+     {"pipeline.schedule=\"async-1f1b\"", "pipeline.microbatches=1", "pipeline.stash=true", "pipeline.recompute=false",
       "optim.name=\"adamw\"", "optim.beta1=0.9", PIPENAG_CORRECTIONS_OFF}},
     {"pipedream-lr", "PipeDream plus PipeMare's learning-rate rescheduling eta/tau_k^(1-min(t/T,1))",
-     {"pipeline.schedule=\"async-1f1b\"", "pipeline.microbatches=1", "pipeline.stash=true",
+     {"pipeline.schedule=\"async-1f1b\"", "pipeline.microbatches=1", "pipeline.stash=true", "pipeline.recompute=false",
       "optim.name=\"adamw\"", "optim.beta1=0.9", PIPENAG_CORRECTIONS_OFF,
       "optim.lr_reschedule=true"}},
     {"pipemare",
@@ -37,7 +37,7 @@ const std::vector<Method> kMethods = {
       "pipeline.recompute=true",
       "optim.name=\"adamw\"", "optim.beta1=0.9", PIPENAG_CORRECTIONS_OFF, "optim.spectrain=true"}},
     {"nesterov", "the paper's method: asynchronous 1F1B, weight stashing, NAdamW with beta1 0.99",
-     {"pipeline.schedule=\"async-1f1b\"", "pipeline.microbatches=1", "pipeline.stash=true",
+     {"pipeline.schedule=\"async-1f1b\"", "pipeline.microbatches=1", "pipeline.stash=true", "pipeline.recompute=false",
       "optim.name=\"nadamw\"", "optim.beta1=0.99", PIPENAG_CORRECTIONS_OFF}},
     {"nesterov-nows",
      "Ours-No-WS as the reference code runs it: no stashing (forward recomputed under the backward's "
@@ -52,7 +52,7 @@ const std::vector<Method> kMethods = {
       "optim.stage_momentum=true", "optim.stage_lr_rho=0.5"}},
     {"nesterov-eq10",
      "Eq. 10 written out: asynchronous 1F1B, stashing, nag-delay with constant gamma 0.99 and Adam scaling",
-     {"pipeline.schedule=\"async-1f1b\"", "pipeline.microbatches=1", "pipeline.stash=true",
+     {"pipeline.schedule=\"async-1f1b\"", "pipeline.microbatches=1", "pipeline.stash=true", "pipeline.recompute=false",
       "optim.name=\"nag-delay\"", "optim.gamma=0.99", PIPENAG_CORRECTIONS_OFF,
       "optim.adaptive=true"}},
 };

@@ -794,13 +794,14 @@ TrainResult train(const Config& user_cfg, const TrainOptions& opt) {
     log(j);
     progress.step(step, loss, tps, r.lr, P > 1 ? r.utilization : -1.0);
   };
-  // Per stage, since the previous such line: updates clipped, and the learning rate and momentum
-  // coefficient of the last update. Written with evaluations and checkpoints (so a resumed run
+  // Several stages: per stage, since the previous such line, the updates clipped, and the learning
+  // rate and momentum coefficient of the last update. Written with evaluations and checkpoints (so a resumed run
   // writes the same lines; the counts restart with the process, at a line).
   std::vector<int64_t> clipped_logged(static_cast<size_t>(P), 0);
   int64_t stage_line_step = st.step;
   auto write_stage_line = [&] {
-    if (st.step == stage_line_step) return;
+    // (One stage: every update's line has its grad_norm.)
+    if (P == 1 || st.step == stage_line_step) return;
     std::vector<double> mine_vals;
     for (auto* w : mine)
       mine_vals.insert(mine_vals.end(), {static_cast<double>(w->options().index),
@@ -818,7 +819,7 @@ TrainResult train(const Config& user_cfg, const TrainOptions& opt) {
       lrs.push_back(by_stage[k][1]);
       betas.push_back(by_stage[k][2]);
     }
-    log({{"step", st.step}, {"stage_updates", st.step - stage_line_step}, {"stage_clipped", clipped},
+    log({{"step", st.step}, {"tokens", st.tokens}, {"stage_updates", st.step - stage_line_step}, {"stage_clipped", clipped},
          {"stage_lr", lrs}, {"stage_beta1", betas}});
     stage_line_step = st.step;
   };
