@@ -128,6 +128,11 @@ TEST_F(MethodsCli, MethodsCommandListsEveryPresetWithItsSettings) {
   // The paper's method with what makes it the paper's method.
   EXPECT_THAT(r.out, HasSubstr("optim.name=\"nadamw\""));
   EXPECT_THAT(r.out, HasSubstr("optim.beta1=0.99"));
+  // Where presets and defaults differ from the reference code, said under the list.
+  EXPECT_THAT(r.out, HasSubstr("differ from the paper's reference code"));
+  for (const char* what : {"the reference sums them", "use 10", "14% of", "nesterov-nows-rho (rho = 0.5)",
+                           "pipeline.recompute = true", "drains the pipeline once per 1000"})
+    EXPECT_THAT(r.out, HasSubstr(what));
 }
 
 // 2. Stop at a drain point and resume == the uninterrupted run, per method.

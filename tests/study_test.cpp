@@ -9,6 +9,7 @@
 #include <string>
 
 #include "study/study.h"
+#include "train/config_file.h"
 #include "test_util.h"
 
 namespace pipenag::testutil {
@@ -154,6 +155,58 @@ TEST_F(Study, BadStudyFilesGetOneLine) {
   spit(dir_ / "ok.toml", base);
   expect_error(study(dir_ / "ok.toml", dir_ / "out", "--jobs 100000"), "oversubscribe");
   EXPECT_FALSE(fs::exists(dir_ / "out/runs"));
+}
+
+// The shipped study and the paper's setup load and say what they should.
+TEST(StudyConfigs, StudySmallAndPaper134m) {
+  const study::Spec s = study::load_spec(std::string(PIPENAG_SOURCE_DIR) + "/configs/study-small.toml");
+  EXPECT_EQ(s.grid.methods.size(), 10u);
+  for (const char* m : {"gpipe", "pipedream", "pipedream-lr", "pipemare", "spectrain", "nesterov", "nesterov-nows",
+                        "nesterov-nows-rho", "nesterov-eq10"})
+    EXPECT_NE(std::find(s.grid.methods.begin(), s.grid.methods.end(), m), s.grid.methods.end()) << m;
+  EXPECT_GE(s.grid.lrs.size(), 3u);
+  EXPECT_GE(s.grid.seeds.size(), 2u);
+  EXPECT_EQ(s.grid.stages, 8);
+  EXPECT_EQ(s.grid.depths, (std::vector<int>{2, 4, 8, 16}));
+  EXPECT_GE(s.base.model.n_layer, 16);
+  EXPECT_GE(s.base.train.steps, 2000);
+  const auto runs = study::grid_runs(s, "x");
+  EXPECT_EQ(runs.size(), 60u);
+  // Equal tokens: gpipe's updates and warm-up are divided by its 4 micro-batches.
+  for (const auto& r : runs) {
+    EXPECT_EQ(r.cfg.train.steps * r.tokens_per_update, s.base.train.steps * s.base.train.batch_size * s.base.model.block_size) << r.id;
+    if (r.method == "gpipe") {
+      EXPECT_EQ(r.cfg.train.steps, s.base.train.steps / 4);
+      EXPECT_EQ(r.cfg.train.warmup_steps, s.base.train.warmup_steps / 4);
+    }
+    if (r.method == "nesterov-nows-keep") {
+      EXPECT_FALSE(r.cfg.pipeline.recompute);
+    }
+    if (r.method == "nesterov-nows") {
+      EXPECT_TRUE(r.cfg.pipeline.recompute);
+    }
+  }
+  EXPECT_EQ(study::sweep_runs(s, "x", {{"gpipe", 1e-3}, {"pipedream", 1e-3}, {"nesterov", 1e-3}}).size(), 18u);
+
+  const Config p = load_config(std::string(PIPENAG_SOURCE_DIR) + "/configs/paper-134m.toml", {});
+  EXPECT_EQ(p.model.n_layer, 8);
+  EXPECT_EQ(p.model.n_embd, 768);
+  EXPECT_EQ(p.model.n_head, 12);
+  EXPECT_EQ(p.model.block_size, 512);
+  EXPECT_EQ(p.model.vocab_size, 50257);
+  EXPECT_EQ(p.pipeline.stages, 8);
+  EXPECT_EQ(p.pipeline.schedule, "async-1f1b");
+  EXPECT_TRUE(p.pipeline.stash);
+  EXPECT_EQ(p.optim.name, "nadamw");
+  EXPECT_EQ(p.optim.beta1, 0.99);
+  EXPECT_EQ(p.train.batch_size, 8);
+  EXPECT_EQ(p.train.lr, 3e-4);
+  EXPECT_EQ(p.train.warmup_steps, 3000);
+  EXPECT_EQ(p.train.steps, 50000);
+  EXPECT_EQ(p.train.min_lr_ratio, 0.1);
+  EXPECT_EQ(p.train.clip, 10.0);
+  EXPECT_FALSE(p.train.clip_global);
+  EXPECT_EQ(p.optim.weight_decay, 0.01);
 }
 
 // The report's statistics: best learning rate on the mean over seeds, a diverged seed loses.

@@ -92,8 +92,9 @@ Where these presets and the defaults differ from the paper's reference code
 (PluralisResearch/AsyncPP @584658e, ../shared/PAPER.md section 6):
   gpipe: the M micro-batch gradients are averaged (the reference sums them: M times the mean).
     With Adam(W) this changes only what clipping sees; `train.clip` applies to the mean.
-  clipping: each stage clips its own gradient norm at train.clip, as the reference does, but the
-    small configs use 1.0; the reference and configs/paper-134m.toml use 10.
+  clipping: each stage clips its own gradient norm at train.clip, as the reference does; the
+    default (and configs/default.toml) is 1.0, the reference and configs/paper-134m.toml and
+    configs/study-small.toml use 10.
   pipedream-lr, pipemare: the rescheduling horizon T (optim.lr_reschedule_steps) defaults to 14% of
     train.steps, the reference's 7k of 50k updates.
   nesterov-nows: beta1_k only, as the reference; the paper's text also divides the learning rate
