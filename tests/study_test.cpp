@@ -72,13 +72,20 @@ TEST_F(Study, KilledAndRerunRedoesNothingFinishedAndGivesTheSameReport) {
   EXPECT_THAT(summary_a, HasSubstr("reference"));
   for (const char* f : {"curves.gp", "lr.gp", "depth.gp", "curves.dat"}) EXPECT_TRUE(fs::exists(dir_ / "a/report" / f)) << f;
 
-  // The same study, killed with SIGKILL once two runs have finished, then rerun.
+  // The same study, killed with SIGKILL once two runs have finished, then rerun. While it runs,
+  // a second study on its folder is refused.
   const std::string bin = PIPENAG_BINARY;
   const std::string cmd = "bash -c '" + bin + " " + study(dir_ / "study.toml", dir_ / "b") +
                           " & p=$!; while [ $(ls " + (dir_ / "b/results").string() +
-                          " 2>/dev/null | wc -l) -lt 2 ]; do sleep 0.02; done; kill -9 $p; wait $p; echo $?'";
+                          " 2>/dev/null | wc -l) -lt 2 ]; do sleep 0.02; done; " + bin + " " +
+                          study(dir_ / "study.toml", dir_ / "b") + " 2>" + (dir_ / "second.err").string() +
+                          "; echo $? >" + (dir_ / "second.code").string() + "; kill -9 $p; wait $p; echo $?'";
   const RunResult killed = run_command(cmd, dir_);
   EXPECT_EQ(killed.out, "137\n") << killed.err;
+  EXPECT_EQ(slurp(dir_ / "second.code"), "1\n");
+  const std::string second = slurp(dir_ / "second.err");
+  EXPECT_THAT(second, HasSubstr("in use by another pipenag process")) << second;
+  EXPECT_EQ(std::count(second.begin(), second.end(), '\n'), 1) << second;
   std::map<std::string, std::pair<std::string, std::string>> finished;  // id -> (result, log)
   for (const auto& e : fs::directory_iterator(dir_ / "b/results")) {
     const std::string id = e.path().stem().string();
@@ -150,6 +157,9 @@ TEST_F(Study, BadStudyFilesGetOneLine) {
   bad(with("jobs = 1", "jobs = 4096"), "study.jobs");
   bad(with("seeds = [1]", "seeds = [1, 1]"), "study.seeds lists a value twice");
   bad("[model]\nn_layer = 2\n", "no [study] table");
+  bad(with("eval_every = 8", "eval_every = 0"), "train.eval_every must be > 0");
+  bad(with("lrs = [1e-3, 3e-3, 1e-2]", "lrs = [1e-3, 1.0000001e-3, 1e-2]"), "appears twice");
+  bad(with("jobs = 1", "jobs = 1\nvariants = { \"../x\" = { method = \"nesterov\" } }"), "may only use letters");
   bad(with("[train]", "[train]\nlr_typo = 1"), "lr_typo");
   // More runs at once than cores.
   spit(dir_ / "ok.toml", base);
@@ -207,6 +217,30 @@ TEST(StudyConfigs, StudySmallAndPaper134m) {
   EXPECT_EQ(p.train.clip, 10.0);
   EXPECT_FALSE(p.train.clip_global);
   EXPECT_EQ(p.optim.weight_decay, 0.01);
+}
+
+// A run's metrics with non-finite numbers (written as null) and a torn last line are read, not a crash.
+TEST(StudyReport, NullNumbersAndTornLinesInMetricsAreRead) {
+  const fs::path d = fresh_test_dir("study_metrics");
+  spit(d / "metrics.jsonl",
+       "{\"step\":1,\"tokens\":128,\"loss\":5.0,\"lr\":0.001,\"tokens_per_s\":1000.0}\n"
+       "{\"step\":2,\"tokens\":256,\"loss\":null,\"lr\":0.001,\"tokens_per_s\":null}\n"
+       "{\"step\":2,\"tokens\":256,\"stage_updates\":2,\"stage_clipped\":[1,null],\"stage_lr\":[0.001,0.001]}\n"
+       "{\"step\":2,\"tokens\":256,\"val_loss\":null,\"val_ppl\":null}\n"
+       "{\"step\":3,\"tok");
+  study::Run run;
+  run.id = "x";
+  run.method = "nesterov";
+  run.stages = 2;
+  run.tokens_per_update = 128;
+  const study::Result r = study::read_result(run, d.string(), false);
+  EXPECT_EQ(r.updates, 2);
+  ASSERT_EQ(r.curve.size(), 1u);
+  EXPECT_TRUE(std::isinf(r.val_loss));
+  ASSERT_EQ(r.clipped.size(), 2u);
+  EXPECT_EQ(r.clipped[0], 0.5);
+  EXPECT_EQ(r.clipped[1], 0.0);
+  fs::remove_all(d);
 }
 
 // The report's statistics: best learning rate on the mean over seeds, a diverged seed loses.

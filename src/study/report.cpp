@@ -83,7 +83,9 @@ Stats paired_difference(const std::map<int64_t, const Result*>& a, const std::ma
   std::vector<double> d;
   for (const auto& [s, r] : a) {
     auto it = ref.find(s);
-    if (it != ref.end()) d.push_back(r->val_loss - it->second->val_loss);
+    // Both diverged: no difference to report.
+    if (it != ref.end() && (std::isfinite(r->val_loss) || std::isfinite(it->second->val_loss)))
+      d.push_back(r->val_loss - it->second->val_loss);
   }
   return stats(d);
 }
@@ -244,15 +246,20 @@ std::vector<std::string> write_report(const Spec& spec, const std::string& dir, 
   s << "| rank | method | best lr | val loss (mean ± sd) | val ppl | vs gpipe (paired) | verdict | seeds | updates | "
        "tokens | clipped % per stage |\n|---:|---|---:|---:|---:|---:|---|---:|---:|---:|---|\n";
   int rank = 0;
+  bool any_edge = false;
   for (const auto& r : rows) {
     std::string clipped;
     for (size_t k = 0; k < r.clipped.size(); ++k) clipped += (k ? " " : "") + f("%.0f", 100 * r.clipped[k]);
     const bool is_ref = r.method == "gpipe";
-    s << "| " << ++rank << " | " << r.method << " | " << g(r.lr) << " | " << pm(r.val) << " | "
+    const bool edge = spec.grid.lrs.size() > 1 && (r.lr == *std::min_element(spec.grid.lrs.begin(), spec.grid.lrs.end()) ||
+                                                   r.lr == *std::max_element(spec.grid.lrs.begin(), spec.grid.lrs.end()));
+    any_edge = any_edge || edge;
+    s << "| " << ++rank << " | " << r.method << " | " << g(r.lr) << (edge ? " (edge)" : "") << " | " << pm(r.val) << " | "
       << f("%.2f", std::exp(r.val.mean)) << " | " << (is_ref ? "reference" : signed_pm(r.diff)) << " | "
       << (is_ref ? "" : verdict(r.diff)) << " | " << r.val.n << " | " << r.any->updates << " | " << r.any->tokens
       << " | " << clipped << " |\n";
   }
+  if (any_edge) s << "\n(edge): the best learning rate is at an end of the grid; a wider grid may find a better one.\n";
   s << "\n## Learning-rate grid at P = " << P << ": mean final validation loss over seeds\n\n| method |";
   for (double lr : spec.grid.lrs) s << " lr " << g(lr) << " |";
   s << "\n|---|";
@@ -310,8 +317,10 @@ std::vector<std::string> write_report(const Spec& spec, const std::string& dir, 
     gp << "set yrange [*:*]\nplot \\\n";
     int i = 0;
     for (const auto& r : rows) {
-      data << "# " << r.method << " lr " << g(r.lr) << "\n"
-           << curve_block(by_seed(grid_results, r.method, r.lr, P)) << "\n\n";
+      // gnuplot counts only blocks with data: a method without a finite point gets none.
+      const std::string block = curve_block(by_seed(grid_results, r.method, r.lr, P));
+      if (block.empty()) continue;
+      data << "# " << r.method << " lr " << g(r.lr) << "\n" << block << "\n\n";
       gp << (i ? ", \\\n" : "") << "  'curves.dat' index " << i << " using 1:3:4 with filledcurves lc " << i + 1
          << " fs transparent solid 0.15 notitle, \\\n  'curves.dat' index " << i << " using 1:2 with lines lw 2 lc "
          << i + 1 << " title " << quote_gp(r.method + " (lr " + g(r.lr) + ")");
@@ -337,15 +346,18 @@ std::vector<std::string> write_report(const Spec& spec, const std::string& dir, 
         const Stats st = stats(val_losses(by_seed(grid_results, m, lr, P)));
         if (st.n && std::isfinite(st.mean)) block << lr << " " << st.mean << " " << st.min << " " << st.max << "\n";
       }
+      if (block.str().empty()) continue;
       data << "# " << m << "\n" << block.str() << "\n\n";
       gp << (i ? ", \\\n" : "") << "  'lr.dat' index " << i << " using 1:2:3:4 with yerrorlines lw 2 lc " << i + 1
          << " title " << quote_gp(m);
       ++i;
     }
     gp << "\n";
-    put("lr.dat", data.str());
-    put("lr.gp", gp.str());
-    scripts.emplace_back("lr.gp", "val_loss_vs_lr.png");
+    if (i > 0) {
+      put("lr.dat", data.str());
+      put("lr.gp", gp.str());
+      scripts.emplace_back("lr.gp", "val_loss_vs_lr.png");
+    }
   }
   if (!depths.empty()) {
     std::ostringstream data, gp;
@@ -357,21 +369,24 @@ std::vector<std::string> write_report(const Spec& spec, const std::string& dir, 
     gp << ")\nset offsets graph 0.05, graph 0.05, 0, 0\nplot \\\n";
     int i = 0;
     for (const auto& m : spec.grid.depth_methods) {
-      data << "# " << m << "\n";
+      std::ostringstream block;
       for (int d : depths) {
         const Stats st = stats(val_losses(best.count(m) ? by_seed(results, m, best.at(m), d)
                                                         : std::map<int64_t, const Result*>{}));
-        if (st.n && std::isfinite(st.mean)) data << d << " " << st.mean << " " << st.min << " " << st.max << "\n";
+        if (st.n && std::isfinite(st.mean)) block << d << " " << st.mean << " " << st.min << " " << st.max << "\n";
       }
-      data << "\n\n";
+      if (block.str().empty()) continue;
+      data << "# " << m << "\n" << block.str() << "\n\n";
       gp << (i ? ", \\\n" : "") << "  'depth.dat' index " << i << " using 1:2:3:4 with yerrorlines lw 2 lc " << i + 1
          << " title " << quote_gp(m);
       ++i;
     }
     gp << "\n";
-    put("depth.dat", data.str());
-    put("depth.gp", gp.str());
-    scripts.emplace_back("depth.gp", "val_loss_vs_depth.png");
+    if (i > 0) {
+      put("depth.dat", data.str());
+      put("depth.gp", gp.str());
+      scripts.emplace_back("depth.gp", "val_loss_vs_depth.png");
+    }
   }
   for (const std::string m : {"nesterov-nows"}) {
     auto it = best.find(m);

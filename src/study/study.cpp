@@ -154,18 +154,28 @@ Grid parse_grid(const toml::table& t, const Config& base) {
   if (g.seeds.empty()) throw Error("study.seeds is empty: the grid has no runs");
   for (int64_t seed : g.seeds)
     if (seed < 0) throw Error("study.seeds: a seed must be >= 0, got " + std::to_string(seed));
+  for (double lr : g.lrs)
+    if (!(lr > 0) || !std::isfinite(lr)) throw Error("study.lrs: a learning rate must be > 0, got " + fmt_lr(lr));
+  for (const auto& v : g.variants)
+    if (v.name.empty() || v.name.find_first_not_of("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-") !=
+                              std::string::npos || v.name[0] == '.')
+      throw Error("study.variants: a name may only use letters, digits, '.', '_' and '-' (it names folders)");
   no_duplicates(g.methods, "methods");
   no_duplicates(g.lrs, "lrs");
   no_duplicates(g.seeds, "seeds");
   no_duplicates(g.depths, "depths");
   no_duplicates(g.depth_methods, "depth_methods");
-  for (double lr : g.lrs)
-    if (!(lr > 0) || !std::isfinite(lr)) throw Error("study.lrs: a learning rate must be > 0, got " + fmt_lr(lr));
+  for (size_t i = 0; i < g.lrs.size(); ++i)
+    for (size_t j = i + 1; j < g.lrs.size(); ++j)
+      if (fmt_lr(g.lrs[i]) == fmt_lr(g.lrs[j]))
+        throw Error("study.lrs: " + fmt_lr(g.lrs[i]) + " appears twice at 6 significant digits (run folders are named by it)");
   for (const auto& m : g.methods) method_sets(g, m);
   for (const auto& m : g.depth_methods) {
     if (std::find(g.methods.begin(), g.methods.end(), m) == g.methods.end())
       throw Error("study.depth_methods: '" + m + "' is not in study.methods (its learning rate comes from the grid)");
   }
+  if (base.train.eval_every <= 0)
+    throw Error("train.eval_every must be > 0 in a study: runs are compared on their validation loss");
   if (!g.depths.empty() && g.depth_methods.empty())
     throw Error("study.depths needs study.depth_methods (which methods the depth sweep runs)");
   for (int d : g.depths)
@@ -328,6 +338,14 @@ std::vector<Run> sweep_runs(const Spec& spec, const std::string& dir, const std:
   return out;
 }
 
+namespace {
+// A number of a metrics line; null (how a NaN or infinity is written) or anything else: +inf.
+double number(const nlohmann::json& j, const char* key) {
+  const auto it = j.find(key);
+  return it != j.end() && it->is_number() ? it->get<double>() : std::numeric_limits<double>::infinity();
+}
+}  // namespace
+
 Result read_result(const Run& run, const std::string& run_dir, bool diverged) {
   Result r;
   r.id = run.id;
@@ -341,6 +359,7 @@ Result read_result(const Run& run, const std::string& run_dir, bool diverged) {
   std::vector<double> losses;
   std::vector<int64_t> clipped(static_cast<size_t>(P), 0);
   int64_t stage_updates = 0, seg_updates = 0;
+  double per_update_wall = 0;  // one stage writes no segment lines: the updates' own times
   std::ifstream in(run_dir + "/metrics.jsonl");
   for (std::string line; std::getline(in, line);) {
     nlohmann::json j;
@@ -351,21 +370,30 @@ Result read_result(const Run& run, const std::string& run_dir, bool diverged) {
     }
     if (!j.is_object() || !j.contains("step")) continue;
     if (j.contains("val_loss")) {
-      r.curve.emplace_back(j.value("tokens", int64_t{0}), j["val_loss"].get<double>());
+      r.curve.emplace_back(static_cast<int64_t>(number(j, "tokens")), number(j, "val_loss"));
     } else if (j.contains("loss")) {
-      losses.push_back(j["loss"].get<double>());
+      losses.push_back(number(j, "loss"));
+      const double tps = number(j, "tokens_per_s");
+      if (std::isfinite(tps) && tps > 0) per_update_wall += static_cast<double>(run.tokens_per_update) / tps;
       // One stage: each update's own line has its gradient norm (before clipping).
       if (P == 1 && j.contains("grad_norm")) {
         ++stage_updates;
-        if (run.cfg.train.clip > 0 && j["grad_norm"].get<double>() > run.cfg.train.clip) ++clipped[0];
+        if (run.cfg.train.clip > 0 && number(j, "grad_norm") > run.cfg.train.clip) ++clipped[0];
       }
     } else if (j.contains("segment_wall_s")) {
-      r.wall_s += j["segment_wall_s"].get<double>();
-      seg_updates += j.value("segment_updates", int64_t{0});
+      const double w = number(j, "segment_wall_s"), n = number(j, "segment_updates");
+      if (std::isfinite(w) && std::isfinite(n)) {
+        r.wall_s += w;
+        seg_updates += static_cast<int64_t>(n);
+      }
     } else if (j.contains("stage_clipped")) {
-      stage_updates += j.value("stage_updates", int64_t{0});
+      const double n = number(j, "stage_updates");
       const auto& c = j["stage_clipped"];
-      for (size_t k = 0; k < clipped.size() && k < c.size(); ++k) clipped[k] += c[k].get<int64_t>();
+      if (std::isfinite(n) && c.is_array()) {
+        stage_updates += static_cast<int64_t>(n);
+        for (size_t k = 0; k < clipped.size() && k < c.size(); ++k)
+          if (c[k].is_number_integer()) clipped[k] += c[k].get<int64_t>();
+      }
     }
   }
   r.updates = static_cast<int64_t>(losses.size());
@@ -376,6 +404,10 @@ Result read_result(const Run& run, const std::string& run_dir, bool diverged) {
   r.train_loss = losses.empty() ? std::numeric_limits<double>::infinity() : sum / static_cast<double>(std::min(tail, losses.size()));
   r.val_loss = r.curve.empty() ? std::numeric_limits<double>::infinity() : r.curve.back().second;
   if (diverged) r.val_loss = r.train_loss = std::numeric_limits<double>::infinity();
+  if (seg_updates == 0) {
+    r.wall_s = per_update_wall;
+    seg_updates = r.updates;
+  }
   r.tokens_per_s = r.wall_s > 0 ? static_cast<double>(seg_updates * run.tokens_per_update) / r.wall_s : 0;
   for (int64_t c : clipped)
     r.clipped.push_back(stage_updates > 0 ? static_cast<double>(c) / static_cast<double>(stage_updates) : 0.0);
@@ -475,8 +507,10 @@ std::string self_exe() {
 }
 
 // The last line of a log (its error), trimmed.
-std::string last_line(const std::string& path) {
+// The last non-empty line of a log from byte `from` on (what the latest start wrote).
+std::string last_line(const std::string& path, std::streamoff from = 0) {
   std::ifstream in(path);
+  in.seekg(from);
   std::string line, last;
   while (std::getline(in, line))
     if (line.find_first_not_of(" \t\r") != std::string::npos) last = line;
@@ -505,8 +539,52 @@ struct Child {
   pid_t pid = -1;
   size_t index = 0;  // into the study's runs
   int tries = 0;     // earlier starts refused because another process held the run's folder
-  std::chrono::steady_clock::time_point started;
+  std::streamoff log_from = 0;  // where this start's output begins in the run's log
 };
+
+// Owns the running children and the study's signal handlers: however run_study leaves (an
+// exception included), every child gets SIGTERM (it checkpoints and stops), is waited for, and
+// the previous handlers come back.
+class ChildGuard {
+ public:
+  explicit ChildGuard(std::vector<Child>& children) : children_(children) {
+    struct sigaction sa {};
+    sa.sa_handler = on_study_signal;
+    sigemptyset(&sa.sa_mask);
+    ::sigaction(SIGINT, &sa, &old_int_);
+    ::sigaction(SIGTERM, &sa, &old_term_);
+    // Children must be waitable whatever this process inherited.
+    struct sigaction dfl {};
+    dfl.sa_handler = SIG_DFL;
+    sigemptyset(&dfl.sa_mask);
+    ::sigaction(SIGCHLD, &dfl, &old_chld_);
+    g_signal.store(0);
+  }
+  ~ChildGuard() {
+    for (const auto& c : children_) ::kill(c.pid, SIGTERM);
+    for (const auto& c : children_) {
+      int status = 0;
+      while (::waitpid(c.pid, &status, 0) < 0 && errno == EINTR) {
+      }
+    }
+    children_.clear();
+    ::sigaction(SIGINT, &old_int_, nullptr);
+    ::sigaction(SIGTERM, &old_term_, nullptr);
+    ::sigaction(SIGCHLD, &old_chld_, nullptr);
+  }
+  ChildGuard(const ChildGuard&) = delete;
+  ChildGuard& operator=(const ChildGuard&) = delete;
+
+ private:
+  std::vector<Child>& children_;
+  struct sigaction old_int_ {}, old_term_ {}, old_chld_ {};
+};
+
+std::string exit_description(int status) {
+  if (WIFSIGNALED(status)) return "killed by signal " + std::to_string(WTERMSIG(status));
+  if (WIFEXITED(status)) return "exit status " + std::to_string(WEXITSTATUS(status));
+  return "stopped";
+}
 
 // Starts `binary train -q -c <config> [--resume|--force]` with output appended to `log`; the child
 // gets SIGTERM (and checkpoints) if the study dies.
@@ -523,7 +601,10 @@ pid_t spawn_run(const std::string& binary, const std::string& config, bool resum
     ::dup2(fd, 2);
     ::close(fd);
     const int devnull = ::open("/dev/null", O_RDONLY);
-    if (devnull >= 0) ::dup2(devnull, 0);
+    if (devnull >= 0) {
+      ::dup2(devnull, 0);
+      ::close(devnull);
+    }
     std::vector<std::string> args = {binary, "train", "-q", "-c", config, resume ? "--resume" : "--force"};
     std::vector<char*> argv;
     for (auto& a : args) argv.push_back(a.data());
@@ -571,6 +652,7 @@ void prepare_data(const Spec& spec, const std::string& binary, const std::string
     if (fd < 0) ::_exit(126);
     ::dup2(fd, 1);
     ::dup2(fd, 2);
+    ::close(fd);
     std::vector<std::string> args = {binary, "prepare", "--tokenizer", spec.base.data.tokenizer, "--input",
                                      spec.base.data.input, "--out", data, "--val-fraction", frac,
                                      "--split-seed", split};
@@ -578,11 +660,14 @@ void prepare_data(const Spec& spec, const std::string& binary, const std::string
     for (auto& a : args) argv.push_back(a.data());
     argv.push_back(nullptr);
     ::execv(binary.c_str(), argv.data());
+    std::fprintf(stderr, "pipenag study: cannot run %s: %s\n", binary.c_str(), std::strerror(errno));
     ::_exit(127);
   }
   int status = 0;
-  while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+  pid_t got;
+  while ((got = ::waitpid(pid, &status, 0)) < 0 && errno == EINTR) {
   }
+  if (got < 0) throw Error(std::string("preparing the data: waitpid failed: ") + std::strerror(errno));
   if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
     throw Error("preparing the data failed: " + last_line(log) + " (log: " + log + ")");
 }
@@ -601,6 +686,9 @@ int run_study(const Options& opt) {
     throw Error("study.jobs = " + std::to_string(jobs) + " runs at once would oversubscribe the " +
                 std::to_string(cores) + " cores here (each run takes one)");
 
+  if (spec.grid.lrs.size() < 3 && !opt.quiet)
+    std::fprintf(stderr, "pipenag: note: study.lrs has %zu value(s): with fewer than 3 a method's best learning rate "
+                 "may lie outside the grid\n", spec.grid.lrs.size());
   make_dirs(dir);
   RunFolderLock lock(dir);
   // The folder's grid: written once, compared on every later start.
@@ -638,14 +726,6 @@ int run_study(const Options& opt) {
   };
   for (const auto& r : runs) load_done(r);
 
-  struct sigaction sa {};
-  sa.sa_handler = on_study_signal;
-  sigemptyset(&sa.sa_mask);
-  struct sigaction old_int {}, old_term {};
-  ::sigaction(SIGINT, &sa, &old_int);
-  ::sigaction(SIGTERM, &sa, &old_term);
-  g_signal.store(0);
-
   const bool tty = !opt.quiet && ::isatty(STDERR_FILENO);
   const auto t0 = std::chrono::steady_clock::now();
   const auto total_tokens = [&] {
@@ -657,6 +737,7 @@ int run_study(const Options& opt) {
     return t;
   };
   std::vector<Child> children;
+  ChildGuard guard(children);
   int64_t tokens_at_start = -1;
   bool sweep_added = sweep_expected == 0;
   std::string failure;
@@ -720,7 +801,10 @@ int run_study(const Options& opt) {
       write_file_atomic(cfg_path, config_to_toml(r.cfg));
       const bool resume = fs::exists(fs::path(r.cfg.out.dir) / "checkpoint" / "state.json");
       const std::string log = (fs::path(dir) / "logs" / (r.id + ".log")).string();
-      children.push_back({spawn_run(binary, cfg_path, resume, log), it->index, it->tries, now});
+      std::error_code ec;
+      const auto size = fs::file_size(log, ec);
+      const std::streamoff from = ec ? 0 : static_cast<std::streamoff>(size);
+      children.push_back({spawn_run(binary, cfg_path, resume, log), it->index, it->tries, from});
       it = pending.erase(it);
     }
   };
@@ -760,7 +844,7 @@ int run_study(const Options& opt) {
       start_next();
       continue;
     }
-    if (pid < 0) break;
+    if (pid < 0) throw Error(std::string("waiting for the study's runs failed: ") + std::strerror(errno));
     auto it = std::find_if(children.begin(), children.end(), [&](const Child& c) { return c.pid == pid; });
     if (it == children.end()) continue;
     const Child done = *it;
@@ -768,7 +852,7 @@ int run_study(const Options& opt) {
     const Run& r = runs[done.index];
     const std::string log = (fs::path(dir) / "logs" / (r.id + ".log")).string();
     const bool ok = WIFEXITED(status) && WEXITSTATUS(status) == 0;
-    const std::string why = last_line(log);
+    const std::string why = last_line(log, done.log_from);
     if (ok || why.find("training diverged") != std::string::npos) {
       const Result res = read_result(r, r.cfg.out.dir, !ok);
       write_file_atomic(result_path(r), result_to_json(res));
@@ -777,22 +861,21 @@ int run_study(const Options& opt) {
                !g_signal.load()) {
       pending.push_back({done.index, std::chrono::steady_clock::now() + std::chrono::seconds(1), done.tries + 1});
     } else if (!g_signal.load() && failure.empty()) {
-      failure = "run " + r.id + " failed: " + (why.empty() ? "no message" : why) + " (log: " + log + ")";
+      failure = "run " + r.id + " failed (" + exit_description(status) + "): " + (why.empty() ? "no message" : why) +
+                " (log: " + log + ")";
       forwarded = true;
       for (const auto& c : children) ::kill(c.pid, SIGTERM);
     }
     maybe_add_sweep();
     start_next();
   }
-  ::sigaction(SIGINT, &old_int, nullptr);
-  ::sigaction(SIGTERM, &old_term, nullptr);
   show(true);
   if (tty) std::fprintf(stderr, "\n");
   if (!failure.empty()) throw Error(failure + "; finished runs are kept, run the study again to continue");
   if (g_signal.load()) {
     std::fprintf(stderr, "pipenag: study interrupted by signal %d; every unfinished run saved a checkpoint: run the "
                  "same command again to continue\n", g_signal.load());
-    return 130;
+    return 128 + g_signal.load();
   }
   std::vector<Result> all;
   for (const auto& r : runs)
