@@ -119,6 +119,8 @@ TEST_F(Study, KilledAndRerunRedoesNothingFinishedAndGivesTheSameReport) {
   const std::string report_before = slurp(dir_ / "b/report/summary.md");
   spit(dir_ / "other.toml", study_toml("", "[1e-3, 3e-3, 2e-2]"));
   EXPECT_THAT(expect_error(study(dir_ / "other.toml", dir_ / "b")), HasSubstr("study.lrs"));
+  spit(dir_ / "other.toml", study_toml("", "[1e-3, 3e-3, 1e-2]").replace(study_toml().find("steps = 16"), 10, "steps = 17"));
+  EXPECT_THAT(expect_error(study(dir_ / "other.toml", dir_ / "b")), HasSubstr("config.train.steps"));
   // A full disk while the report is written (RLIMIT_FSIZE, SIGXFSZ ignored: writes fail with EFBIG).
   const RunResult full = run_command("bash -c \"trap '' XFSZ; ulimit -f 1; exec " + bin + " " +
                                          study(dir_ / "study.toml", dir_ / "b") + "\"",
@@ -130,6 +132,20 @@ TEST_F(Study, KilledAndRerunRedoesNothingFinishedAndGivesTheSameReport) {
   EXPECT_THAT(full.err, HasSubstr("too large"));
   EXPECT_EQ(slurp(dir_ / "b/report/summary.md"), report_before);
   for (const auto& [id, content] : finished) EXPECT_EQ(slurp(dir_ / "b/results" / (id + ".json")), content.first);
+
+  // A wider grid extends the study: only the new learning rate's runs start.
+  spit(dir_ / "wider.toml", study_toml("", "[1e-3, 3e-3, 1e-2, 3e-4]"));
+  const size_t logs_before_wider = std::distance(fs::directory_iterator(dir_ / "b/logs"), fs::directory_iterator{});
+  const RunResult wider = run(study(dir_ / "wider.toml", dir_ / "b"));
+  ASSERT_EQ(wider.code, 0) << wider.err;
+  EXPECT_EQ(slurp(dir_ / "b/logs" / "gpipe_lr0.001_s1_P2.log"), logs_before);
+  EXPECT_TRUE(fs::exists(dir_ / "b/results/gpipe_lr0.0003_s1_P2.json"));
+  EXPECT_TRUE(fs::exists(dir_ / "b/results/nesterov_lr0.0003_s1_P2.json"));
+  const size_t logs_after_wider = std::distance(fs::directory_iterator(dir_ / "b/logs"), fs::directory_iterator{});
+  // Two new grid runs, and one more sweep run if nesterov's best learning rate moved.
+  EXPECT_GE(logs_after_wider, logs_before_wider + 2);
+  EXPECT_LE(logs_after_wider, logs_before_wider + 3);
+  EXPECT_THAT(slurp(dir_ / "b/report/results.csv"), HasSubstr("gpipe_lr0.0003_s1_P2"));
 }
 
 TEST_F(Study, BadStudyFilesGetOneLine) {

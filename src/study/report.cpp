@@ -135,6 +135,13 @@ std::string curve_block(const std::map<int64_t, const Result*>& runs) {
   return o.str();
 }
 
+// Twelve distinguishable colours (gnuplot's default cycle repeats after eight).
+std::string colour(int i) {
+  static const char* c[] = {"#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b",
+                            "#e377c2", "#7f7f7f", "#bcbd22", "#17becf", "#000000", "#aec7e8"};
+  return std::string("rgb \"") + c[i % 12] + "\"";
+}
+
 std::string gp_header(const std::string& title, const std::string& xl, const std::string& yl) {
   return "# Run in this folder: gnuplot -e \"outfile='x.png'\" <this script>\n"
          "if (!exists(\"outfile\")) outfile = \"plot.png\"\n"
@@ -321,9 +328,9 @@ std::vector<std::string> write_report(const Spec& spec, const std::string& dir, 
       const std::string block = curve_block(by_seed(grid_results, r.method, r.lr, P));
       if (block.empty()) continue;
       data << "# " << r.method << " lr " << g(r.lr) << "\n" << block << "\n\n";
-      gp << (i ? ", \\\n" : "") << "  'curves.dat' index " << i << " using 1:3:4 with filledcurves lc " << i + 1
+      gp << (i ? ", \\\n" : "") << "  'curves.dat' index " << i << " using 1:3:4 with filledcurves lc " << colour(i)
          << " fs transparent solid 0.15 notitle, \\\n  'curves.dat' index " << i << " using 1:2 with lines lw 2 lc "
-         << i + 1 << " title " << quote_gp(r.method + " (lr " + g(r.lr) + ")");
+         << colour(i) << " title " << quote_gp(r.method + " (lr " + g(r.lr) + ")");
       ++i;
     }
     gp << "\n";
@@ -348,7 +355,7 @@ std::vector<std::string> write_report(const Spec& spec, const std::string& dir, 
       }
       if (block.str().empty()) continue;
       data << "# " << m << "\n" << block.str() << "\n\n";
-      gp << (i ? ", \\\n" : "") << "  'lr.dat' index " << i << " using 1:2:3:4 with yerrorlines lw 2 lc " << i + 1
+      gp << (i ? ", \\\n" : "") << "  'lr.dat' index " << i << " using 1:2:3:4 with yerrorlines lw 2 lc " << colour(i)
          << " title " << quote_gp(m);
       ++i;
     }
@@ -377,7 +384,7 @@ std::vector<std::string> write_report(const Spec& spec, const std::string& dir, 
       }
       if (block.str().empty()) continue;
       data << "# " << m << "\n" << block.str() << "\n\n";
-      gp << (i ? ", \\\n" : "") << "  'depth.dat' index " << i << " using 1:2:3:4 with yerrorlines lw 2 lc " << i + 1
+      gp << (i ? ", \\\n" : "") << "  'depth.dat' index " << i << " using 1:2:3:4 with yerrorlines lw 2 lc " << colour(i)
          << " title " << quote_gp(m);
       ++i;
     }

@@ -223,6 +223,25 @@ std::string first_difference(const nlohmann::json& there, const nlohmann::json& 
   return path + " is " + there.dump() + " there, " + here.dump() + " here";
 }
 
+// True when `here` is `there` with more values in some of the grid's lists: the same config,
+// depth, variants (of the names both have) and a superset of every list.
+bool extends(const nlohmann::json& there, const nlohmann::json& here) {
+  try {
+    if (there.at("config") != here.at("config")) return false;
+    const auto& a = there.at("study");
+    const auto& b = here.at("study");
+    if (a.at("stages") != b.at("stages")) return false;
+    for (const char* list : {"methods", "lrs", "seeds", "depths", "depth_methods"})
+      for (const auto& v : a.at(list))
+        if (std::find(b.at(list).begin(), b.at(list).end(), v) == b.at(list).end()) return false;
+    for (auto it = a.at("variants").begin(); it != a.at("variants").end(); ++it)
+      if (b.at("variants").contains(it.key()) && b.at("variants").at(it.key()) != it.value()) return false;
+    return true;
+  } catch (const nlohmann::json::exception&) {
+    return false;
+  }
+}
+
 Config run_config(const Spec& spec, const std::string& dir, const std::string& method, double lr, int64_t seed,
                   int P) {
   Config c = spec.base;
@@ -702,8 +721,16 @@ int run_study(const Options& opt) {
       throw Error(fp_path + " is damaged: this folder's study cannot be identified (use another --out)");
     }
     const std::string d = first_difference(there, fp, "");
-    if (!d.empty())
-      throw Error(dir + " holds a study of another grid or config: " + d + " (use another --out, or the same file)");
+    if (!d.empty()) {
+      // A wider grid on the same config (more methods, learning rates, seeds or depths) extends
+      // the study: its finished runs are exactly the runs the wider grid would make.
+      if (!extends(there, fp))
+        throw Error(dir + " holds a study of another grid or config: " + d +
+                    " (use another --out, the same file, or a grid that contains the folder's)");
+      if (!opt.quiet) std::fprintf(stderr, "pipenag: extending the study in %s (%s); its finished runs are kept\n",
+                                   dir.c_str(), d.c_str());
+      write_file_atomic(fp_path, fp.dump(2) + "\n");
+    }
   } else {
     for (const char* sub : {"runs", "results"})
       if (fs::exists(fs::path(dir) / sub) && !fs::is_empty(fs::path(dir) / sub))
