@@ -17,9 +17,11 @@
 #include <fstream>
 #include <limits>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <set>
 #include <sstream>
 #include <thread>
+#include <type_traits>
 #include <toml++/toml.h>
 
 #include "io/atomic_file.h"
@@ -43,37 +45,27 @@ std::string fmt_lr(double lr) {
   return b;
 }
 
-std::vector<double> numbers(const toml::node& n, const std::string& key) {
+// The values of an array of `what` ("numbers": any number; else exactly T), or Error naming the key.
+template <typename T>
+std::vector<T> list_of(const toml::node& n, const std::string& key, const char* what) {
   const auto* a = n.as_array();
-  if (!a) throw Error("study." + key + " must be an array of numbers");
-  std::vector<double> out;
+  if (!a) throw Error("study." + key + " must be an array of " + what);
+  std::vector<T> out;
   for (const auto& e : *a) {
-    if (auto v = e.value<double>()) out.push_back(*v);
-    else throw Error("study." + key + " must be an array of numbers");
+    std::optional<T> v;
+    if constexpr (std::is_same_v<T, double>) v = e.value<double>();
+    else v = e.value_exact<T>();
+    if (!v) throw Error("study." + key + " must be an array of " + what);
+    out.push_back(*v);
   }
   return out;
 }
-
+std::vector<double> numbers(const toml::node& n, const std::string& key) { return list_of<double>(n, key, "numbers"); }
 std::vector<int64_t> integers(const toml::node& n, const std::string& key) {
-  const auto* a = n.as_array();
-  if (!a) throw Error("study." + key + " must be an array of integers");
-  std::vector<int64_t> out;
-  for (const auto& e : *a) {
-    if (auto v = e.value_exact<int64_t>()) out.push_back(*v);
-    else throw Error("study." + key + " must be an array of integers");
-  }
-  return out;
+  return list_of<int64_t>(n, key, "integers");
 }
-
 std::vector<std::string> strings(const toml::node& n, const std::string& key) {
-  const auto* a = n.as_array();
-  if (!a) throw Error("study." + key + " must be an array of strings");
-  std::vector<std::string> out;
-  for (const auto& e : *a) {
-    if (auto v = e.value_exact<std::string>()) out.push_back(*v);
-    else throw Error("study." + key + " must be an array of strings");
-  }
-  return out;
+  return list_of<std::string>(n, key, "strings");
 }
 
 template <typename T>
