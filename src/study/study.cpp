@@ -597,16 +597,19 @@ std::string exit_description(int status) {
   return "stopped";
 }
 
-// Starts `binary train -q -c <config> [--resume|--force]` with output appended to `log`; the child
-// gets SIGTERM (and checkpoints) if the study dies.
-pid_t spawn_run(const std::string& binary, const std::string& config, bool resume, const std::string& log) {
+// Starts `binary args...` with stdout and stderr going to `log` (appended, or truncated first) and
+// stdin from /dev/null; the child gets SIGTERM (a run checkpoints) if the study dies. `what` names
+// the start in errors.
+pid_t spawn_pipenag(const std::string& binary, std::vector<std::string> args, const std::string& log, bool append,
+                    const char* what) {
+  args.insert(args.begin(), binary);
   const pid_t parent = ::getpid();
   const pid_t pid = ::fork();
-  if (pid < 0) throw Error(std::string("cannot start a run: fork failed: ") + std::strerror(errno));
+  if (pid < 0) throw Error(std::string("cannot ") + what + ": fork failed: " + std::strerror(errno));
   if (pid == 0) {
     ::prctl(PR_SET_PDEATHSIG, SIGTERM);
     if (::getppid() != parent) ::_exit(1);
-    const int fd = ::open(log.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
+    const int fd = ::open(log.c_str(), O_WRONLY | O_CREAT | (append ? O_APPEND : O_TRUNC), 0644);
     if (fd < 0) ::_exit(126);
     ::dup2(fd, 1);
     ::dup2(fd, 2);
@@ -616,7 +619,6 @@ pid_t spawn_run(const std::string& binary, const std::string& config, bool resum
       ::dup2(devnull, 0);
       ::close(devnull);
     }
-    std::vector<std::string> args = {binary, "train", "-q", "-c", config, resume ? "--resume" : "--force"};
     std::vector<char*> argv;
     for (auto& a : args) argv.push_back(a.data());
     argv.push_back(nullptr);
@@ -625,6 +627,12 @@ pid_t spawn_run(const std::string& binary, const std::string& config, bool resum
     ::_exit(127);
   }
   return pid;
+}
+
+// Starts `binary train -q -c <config> [--resume|--force]` with output appended to `log`.
+pid_t spawn_run(const std::string& binary, const std::string& config, bool resume, const std::string& log) {
+  return spawn_pipenag(binary, {"train", "-q", "-c", config, resume ? "--resume" : "--force"}, log, true,
+                       "start a run");
 }
 
 std::string fmt_duration(double s) {
@@ -655,25 +663,10 @@ void prepare_data(const Spec& spec, const std::string& binary, const std::string
   char split[32], frac[32];
   std::snprintf(split, sizeof split, "%llu", static_cast<unsigned long long>(spec.base.data.split_seed));
   std::snprintf(frac, sizeof frac, "%.17g", spec.base.data.val_fraction);
-  const pid_t pid = ::fork();
-  if (pid < 0) throw Error(std::string("cannot prepare the data: fork failed: ") + std::strerror(errno));
-  if (pid == 0) {
-    ::prctl(PR_SET_PDEATHSIG, SIGTERM);
-    const int fd = ::open(log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    if (fd < 0) ::_exit(126);
-    ::dup2(fd, 1);
-    ::dup2(fd, 2);
-    ::close(fd);
-    std::vector<std::string> args = {binary, "prepare", "--tokenizer", spec.base.data.tokenizer, "--input",
-                                     spec.base.data.input, "--out", data, "--val-fraction", frac,
-                                     "--split-seed", split};
-    std::vector<char*> argv;
-    for (auto& a : args) argv.push_back(a.data());
-    argv.push_back(nullptr);
-    ::execv(binary.c_str(), argv.data());
-    std::fprintf(stderr, "pipenag study: cannot run %s: %s\n", binary.c_str(), std::strerror(errno));
-    ::_exit(127);
-  }
+  const pid_t pid = spawn_pipenag(binary,
+                                  {"prepare", "--tokenizer", spec.base.data.tokenizer, "--input", spec.base.data.input,
+                                   "--out", data, "--val-fraction", frac, "--split-seed", split},
+                                  log, false, "prepare the data");
   int status = 0;
   pid_t got;
   while ((got = ::waitpid(pid, &status, 0)) < 0 && errno == EINTR) {
