@@ -149,6 +149,38 @@ TEST_F(Study, KilledAndRerunRedoesNothingFinishedAndGivesTheSameReport) {
   EXPECT_THAT(slurp(dir_ / "b/report/results.csv"), HasSubstr("gpipe_lr0.0003_s1_P2"));
 }
 
+// Regression (a CI failure): a run of a killed study still holds its folder and appends to the
+// run's log after the new start failed on the lock; the study must still see the lock message,
+// wait and retry, not stop on the other process's last line.
+TEST_F(Study, RetriesARunWhoseFolderAnotherProcessHoldsWhileItWritesTheLog) {
+  std::string toml = study_toml("", "[1e-3]");
+  const auto replace = [&toml](const std::string& from, const std::string& to) {
+    const auto at = toml.find(from);
+    ASSERT_NE(at, std::string::npos) << from;
+    toml.replace(at, from.size(), to);
+  };
+  replace("methods = [\"gpipe\", \"nesterov\"]", "methods = [\"nesterov\"]");
+  replace("depths = [2, 4]\ndepth_methods = [\"nesterov\"]\n", "");
+  spit(dir_ / "one.toml", toml);
+  const std::string id = "nesterov_lr0.001_s1_P2";
+  const fs::path out = dir_ / "held";
+  // The study once to its end, then its run made unfinished again.
+  const RunResult first = run(study(dir_ / "one.toml", out));
+  ASSERT_EQ(first.code, 0) << first.err;
+  ASSERT_TRUE(fs::remove(out / "results" / (id + ".json")));
+  const std::string log = (out / "logs" / (id + ".log")).string();
+  // The holder: locks the run folder for about 2 s, appending a line to the run's log every 50 ms.
+  const std::string cmd =
+      "bash -c 'flock " + (out / "runs" / id / "pipenag.lock").string() + " -c \"for i in \\$(seq 40); do echo " +
+      "pipenag: another process was here >> " + log + "; sleep 0.05; done\" & sleep 0.2; " + PIPENAG_BINARY + " " +
+      study(dir_ / "one.toml", out) + "; echo $?; wait'";
+  const RunResult r = run_command(cmd, dir_);
+  EXPECT_EQ(r.out, "0\n") << r.err;
+  EXPECT_TRUE(fs::exists(out / "results" / (id + ".json")));
+  EXPECT_THAT(slurp(log), HasSubstr("is in use by another pipenag process"));
+  EXPECT_THAT(slurp(log), HasSubstr("another process was here"));
+}
+
 TEST_F(Study, BadStudyFilesGetOneLine) {
   const auto bad = [&](const std::string& toml, const std::string& needle) {
     spit(dir_ / "bad.toml", toml);

@@ -38,6 +38,8 @@ constexpr std::size_t kMaxStudyBytes = 1 << 20;
 constexpr int kMaxRuns = 10000;
 // A run folder another process holds (a killed study's run saving its checkpoint): retries, 1 s apart.
 constexpr int kLockRetries = 300;
+// What a run says when another process holds its folder (RunFolderLock).
+constexpr const char* kLockHeld = "is in use by another pipenag process";
 
 std::string fmt_lr(double lr) {
   char b[32];
@@ -517,15 +519,20 @@ std::string self_exe() {
   return ec ? std::string("pipenag") : p.string();
 }
 
-// The last line of a log (its error), trimmed.
-// The last non-empty line of a log from byte `from` on (what the latest start wrote).
-std::string last_line(const std::string& path, std::streamoff from = 0) {
+// The last non-empty line of a log from byte `from` on (what the latest start wrote), or, when
+// `prefer` is given, the last such line containing it. A run of a killed study can still append to
+// the same log (its checkpoint message) after a new start failed on its lock, so the new start's
+// line is not always the last one.
+std::string last_line(const std::string& path, std::streamoff from = 0, const std::string& prefer = "") {
   std::ifstream in(path);
   in.seekg(from);
-  std::string line, last;
-  while (std::getline(in, line))
-    if (line.find_first_not_of(" \t\r") != std::string::npos) last = line;
-  return last;
+  std::string line, last, preferred;
+  while (std::getline(in, line)) {
+    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+    last = line;
+    if (!prefer.empty() && line.find(prefer) != std::string::npos) preferred = line;
+  }
+  return preferred.empty() ? last : preferred;
 }
 
 // The last "step" in a metrics.jsonl (0 when none): progress of a running run.
@@ -864,12 +871,12 @@ int run_study(const Options& opt) {
     const Run& r = runs[done.index];
     const std::string log = (fs::path(dir) / "logs" / (r.id + ".log")).string();
     const bool ok = WIFEXITED(status) && WEXITSTATUS(status) == 0;
-    const std::string why = last_line(log, done.log_from);
+    const std::string why = last_line(log, done.log_from, ok ? "" : kLockHeld);
     if (ok || why.find("training diverged") != std::string::npos) {
       const Result res = read_result(r, r.cfg.out.dir, !ok);
       write_file_atomic(result_path(r), result_to_json(res));
       results[r.id] = res;
-    } else if (why.find("is in use by another pipenag process") != std::string::npos && done.tries < kLockRetries &&
+    } else if (why.find(kLockHeld) != std::string::npos && done.tries < kLockRetries &&
                !g_signal.load()) {
       pending.push_back({done.index, std::chrono::steady_clock::now() + std::chrono::seconds(1), done.tries + 1});
     } else if (!g_signal.load() && failure.empty()) {
