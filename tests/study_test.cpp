@@ -169,11 +169,17 @@ TEST_F(Study, RetriesARunWhoseFolderAnotherProcessHoldsWhileItWritesTheLog) {
   ASSERT_EQ(first.code, 0) << first.err;
   ASSERT_TRUE(fs::remove(out / "results" / (id + ".json")));
   const std::string log = (out / "logs" / (id + ".log")).string();
-  // The holder: locks the run folder for about 2 s, appending a line to the run's log every 50 ms.
-  const std::string cmd =
-      "bash -c 'flock " + (out / "runs" / id / "pipenag.lock").string() + " -c \"for i in \\$(seq 40); do echo " +
-      "pipenag: another process was here >> " + log + "; sleep 0.05; done\" & sleep 0.2; " + PIPENAG_BINARY + " " +
-      study(dir_ / "one.toml", out) + "; echo $?; wait'";
+  // The holder: locks the run folder (the study starts once it holds it) and appends a line to
+  // the run's log every 20 ms until the study's run has failed on the lock (at most 30 s), then
+  // for 0.5 s more.
+  const std::string flag = (dir_ / "holding").string();
+  const std::string noise = "echo 'pipenag: another process was here' >> " + log;
+  spit(dir_ / "holder.sh", "touch " + flag + "\nfor i in $(seq 1500); do " + noise +
+                               "; grep -q 'is in use by another' " + log + " && break; sleep 0.02; done\n" +
+                               "for i in $(seq 25); do " + noise + "; sleep 0.02; done\n");
+  const std::string cmd = "bash -c 'flock " + (out / "runs" / id / "pipenag.lock").string() + " bash " +
+                          (dir_ / "holder.sh").string() + " & until [ -e " + flag + " ]; do sleep 0.01; done; " +
+                          PIPENAG_BINARY + " " + study(dir_ / "one.toml", out) + "; echo $?; wait'";
   const RunResult r = run_command(cmd, dir_);
   EXPECT_EQ(r.out, "0\n") << r.err;
   EXPECT_TRUE(fs::exists(out / "results" / (id + ".json")));
