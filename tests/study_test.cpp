@@ -28,6 +28,13 @@ class Study : public BinaryTest {
            "[study]\nmethods = [\"gpipe\", \"nesterov\"]\nlrs = " + study_lrs +
            "\nseeds = [1]\nstages = 2\ndepths = [2, 4]\ndepth_methods = [\"nesterov\"]\njobs = 1\n" + grid_extra;
   }
+  // `toml` with its first `from` replaced by `to` (a test failure when `from` is not there).
+  static std::string replaced(std::string toml, const std::string& from, const std::string& to) {
+    const auto at = toml.find(from);
+    EXPECT_NE(at, std::string::npos) << from;
+    if (at != std::string::npos) toml.replace(at, from.size(), to);
+    return toml;
+  }
   std::string study(const fs::path& file, const fs::path& out, const std::string& extra = "") {
     return "study -q -c " + file.string() + " --out " + out.string() + " " + extra;
   }
@@ -119,7 +126,7 @@ TEST_F(Study, KilledAndRerunRedoesNothingFinishedAndGivesTheSameReport) {
   const std::string report_before = slurp(dir_ / "b/report/summary.md");
   spit(dir_ / "other.toml", study_toml("", "[1e-3, 3e-3, 2e-2]"));
   EXPECT_THAT(expect_error(study(dir_ / "other.toml", dir_ / "b")), HasSubstr("study.lrs"));
-  spit(dir_ / "other.toml", study_toml("", "[1e-3, 3e-3, 1e-2]").replace(study_toml().find("steps = 16"), 10, "steps = 17"));
+  spit(dir_ / "other.toml", replaced(study_toml(), "steps = 16", "steps = 17"));
   EXPECT_THAT(expect_error(study(dir_ / "other.toml", dir_ / "b")), HasSubstr("config.train.steps"));
   // A full disk while the report is written (RLIMIT_FSIZE, SIGXFSZ ignored: writes fail with EFBIG).
   const RunResult full = run_command("bash -c \"trap '' XFSZ; ulimit -f 1; exec " + bin + " " +
@@ -153,14 +160,9 @@ TEST_F(Study, KilledAndRerunRedoesNothingFinishedAndGivesTheSameReport) {
 // run's log after the new start failed on the lock; the study must still see the lock message,
 // wait and retry, not stop on the other process's last line.
 TEST_F(Study, RetriesARunWhoseFolderAnotherProcessHoldsWhileItWritesTheLog) {
-  std::string toml = study_toml("", "[1e-3]");
-  const auto replace = [&toml](const std::string& from, const std::string& to) {
-    const auto at = toml.find(from);
-    EXPECT_NE(at, std::string::npos) << from;
-    if (at != std::string::npos) toml.replace(at, from.size(), to);
-  };
-  replace("methods = [\"gpipe\", \"nesterov\"]", "methods = [\"nesterov\"]");
-  replace("depths = [2, 4]\ndepth_methods = [\"nesterov\"]\n", "");
+  const std::string toml =
+      replaced(replaced(study_toml("", "[1e-3]"), "methods = [\"gpipe\", \"nesterov\"]", "methods = [\"nesterov\"]"),
+               "depths = [2, 4]\ndepth_methods = [\"nesterov\"]\n", "");
   ASSERT_FALSE(HasFailure());
   spit(dir_ / "one.toml", toml);
   const std::string id = "nesterov_lr0.001_s1_P2";
@@ -198,12 +200,7 @@ TEST_F(Study, BadStudyFilesGetOneLine) {
     EXPECT_FALSE(fs::exists(dir_ / "out/runs")) << err;
   };
   const std::string base = study_toml();
-  const auto with = [&](const std::string& from, const std::string& to) {
-    std::string s = base;
-    const auto p = s.find(from);
-    EXPECT_NE(p, std::string::npos) << from;
-    return s.replace(p, from.size(), to);
-  };
+  const auto with = [&](const std::string& from, const std::string& to) { return replaced(base, from, to); };
   bad(with("[\"gpipe\", \"nesterov\"]", "[\"gpipe\", \"nesterov-fast\"]"), "unknown method 'nesterov-fast'");
   bad(with("methods = [\"gpipe\", \"nesterov\"]", "methods = []"), "study.methods is empty");
   bad(with("lrs = [1e-3, 3e-3, 1e-2]", "lrs = []"), "study.lrs is empty");
